@@ -54,7 +54,7 @@ def sample_time(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Draw t from the log-normal proposal, ``τ ~ N(P_mean, P_std²)``, ``t = arctan(e^τ/σ_d)`` (Alg. 1).
+    """Log-normal time proposal ``τ ~ N(P_mean, P_std²)``, ``t = arctan(e^τ/σ_d)`` (Alg. 1).
 
     Returns ``(B,)`` TrigFlow times in ``(0, π/2)``.
     """
@@ -88,7 +88,7 @@ consistency_function = denoise
 
 
 def ddim_step(x_s: Tensor, s: Tensor, t: Tensor, F: Tensor, sigma_data: float) -> Tensor:
-    """TrigFlow DDIM step from s to t: ``x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s/σ_d, s)`` (App. E)."""
+    """TrigFlow DDIM step s -> t: ``x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s/σ_d, s)`` (App. E)."""
     d = expand_like(s - t, x_s)
     return torch.cos(d) * x_s - torch.sin(d) * (sigma_data * F)
 
@@ -106,7 +106,7 @@ def edm_sigmas(
     rho: float = RHO_EDM,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """EDM ρ-schedule of ``num_steps`` decreasing noise levels σ_max..σ_min (Karras et al., Eq. 5)."""
+    """EDM ρ-schedule: ``num_steps`` decreasing noise levels σ_max..σ_min (Karras et al. Eq. 5)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if num_steps == 1:

@@ -1,0 +1,113 @@
+"""``python -m scm_lightning <command> [--debug] [key=value ...]`` (Hydra overrides).
+
+Commands: ``fit`` (sCD/sCT distillation), ``pretrain`` (TrigFlow diffusion training or
+teacher preparation), ``sample``, ``evaluate``, ``export``. A bad input stops with one line
+on stderr and exit code 2; ``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+USAGE = """usage: python -m scm_lightning {fit,pretrain,sample,evaluate,export} [--debug] [--cfg] [key=value ...]
+
+  fit       distill a teacher into a 1-2 step consistency model (sCD, or sCT with loss=sct)
+  pretrain  train a TrigFlow diffusion teacher (or prepare an existing one: prepare_from=...)
+  sample    checkpoint or exported folder -> PNG grid and .npz
+  evaluate  FD/KID/precision/recall of a student at several NFEs and of its teacher
+  export    checkpoint + EMA profile -> a diffusers folder (SCMScheduler + pipeline)
+
+  --cfg     print the composed config and exit     --debug  show full tracebacks
+  With no overrides, `fit` distills the bundled digits teacher on a CPU in a few minutes.
+"""
+
+EXIT_BAD_INPUT = 2
+EXIT_RUNTIME = 1
+
+
+def _run_training(task: str, overrides: list[str], print_cfg: bool) -> int:
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from scm_lightning.config import compose_config
+    from scm_lightning.training import run
+
+    cfg = compose_config(task, overrides)
+    rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
+    if rank == 0:
+        Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg), "yaml", theme="ansi_dark"))
+    if print_cfg:
+        return 0
+    run(cfg)
+    return 0
+
+
+def _run_tool(task: str, overrides: list[str], print_cfg: bool) -> int:
+    from scm_lightning import tools
+
+    return tools.main(task, overrides, print_cfg)
+
+
+COMMANDS: dict[str, Callable[[str, list[str], bool], int]] = {
+    "fit": _run_training,
+    "pretrain": _run_training,
+    "sample": _run_tool,
+    "evaluate": _run_tool,
+    "export": _run_tool,
+}
+
+
+def one_line(err: BaseException) -> str:
+    """A bad-input error as one line: Hydra's and OmegaConf's messages trimmed to their point."""
+    text = str(err).strip() or type(err).__name__
+    first = text.splitlines()[0]
+    return first
+
+
+def is_bad_input(err: BaseException) -> bool:
+    """Errors that mean "your input is wrong" (exit 2, no traceback) vs a crash (exit 1)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from scm_lightning.config import ConfigError
+
+    if isinstance(err, (ConfigError, HydraException, OmegaConfBaseException)):
+        return True
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return True
+    return isinstance(err, (ValueError, KeyError, TypeError)) and getattr(err, "bad_input", True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    print_cfg = "--cfg" in args
+    args = [a for a in args if a not in ("--debug", "--cfg")]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else EXIT_BAD_INPUT
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[command](command, overrides, print_cfg)
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are intact", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        bad = is_bad_input(err)
+        kind = "error" if bad else f"error ({type(err).__name__})"
+        print(f"{kind}: {one_line(err)}", file=sys.stderr)
+        if not bad:
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT if bad else EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

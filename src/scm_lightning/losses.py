@@ -1,0 +1,276 @@
+"""The sCM objective (sCD / sCT, spec §3, Algorithm 1) and the TrigFlow diffusion loss (Eq. 4).
+
+All losses here are pure functions of modules and tensors; the Lightning layer only calls
+them. Shapes: ``x0``, ``x_t``, ``dxdt`` are ``(B, C, H, W)`` in data units; ``t`` is
+``(B,)`` TrigFlow time in radians. ``model`` is a :class:`~scm_lightning.teachers.base.
+TrigFlowModel`-like callable ``F = model(x_t/σ_d, t, class_labels, guidance)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from scm_lightning import trigflow
+from scm_lightning.trigflow import expand_like
+
+TrigFlowFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class SCMLossConfig:
+    """Hyperparameters of Algorithm 1 (defaults: the paper's CIFAR-10 sCD column, spec §7)."""
+
+    sigma_data: float = 0.5
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    tangent_norm_c: float = 0.1  # c in g/(‖g‖ + c)
+    spatially_invariant_norm: bool = False  # divide ‖g‖ by √D (not in the paper; off)
+    prior_weighting: str = "none"  # "none" | "inv_sigma" (extra 1/(σ_d tan t); spec §3 note)
+    jvp_dtype: torch.dtype | None = None  # None: inherit run precision
+
+    def __post_init__(self) -> None:
+        if not self.sigma_data > 0:
+            raise ValueError(f"loss.sigma_data must be > 0, got {self.sigma_data}")
+        if not self.p_std > 0:
+            raise ValueError(f"loss.p_std must be > 0, got {self.p_std}")
+        if not self.tangent_norm_c > 0:
+            raise ValueError(f"loss.tangent_norm_c (c) must be > 0, got {self.tangent_norm_c}")
+        if self.prior_weighting not in ("none", "inv_sigma"):
+            raise ValueError(
+                f"loss.prior_weighting must be 'none' or 'inv_sigma', got {self.prior_weighting!r}"
+            )
+
+
+@dataclass
+class SCMLossOutput:
+    """Scalar loss plus per-step diagnostics (all detached except ``loss``)."""
+
+    loss: Tensor
+    g_norm: Tensor  # mean ‖g‖ over finite samples, before normalisation
+    masked_fraction: Tensor  # fraction of samples whose g or F⁻ was non-finite
+    logvar: Tensor  # mean w_φ(t)
+    per_sample: Tensor  # (B,) loss terms, zero where masked
+
+
+def per_sample_sq_norm(x: Tensor) -> Tensor:
+    """‖x‖² over all non-batch dimensions, ``(B, ...) -> (B,)``."""
+    return x.flatten(1).pow(2).sum(1)
+
+
+def has_active_dropout(module: nn.Module) -> bool:
+    """True if a dropout layer with p > 0 would fire (training mode)."""
+    return module.training and any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()
+    )
+
+
+@contextlib.contextmanager
+def same_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run a block under a forked RNG seeded with ``seed`` (no-op when ``seed`` is None).
+
+    The JVP pass and the gradient pass must draw the same dropout masks (spec §3, Dropout).
+    """
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def rearranged_jvp(
+    model: TrigFlowFn,
+    x_t: Tensor,
+    t: Tensor,
+    dxdt: Tensor,
+    sigma_data: float,
+    class_labels: Tensor | None = None,
+    guidance: Tensor | None = None,
+    jvp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """FP16-safe JVP of F⁻ along the PF-ODE (spec §3, "JVP rearrangement", paper §5.1).
+
+    Tangents ``(cos t·sin t·dxdt/σ_d, cos t·sin t)`` on primals ``(x_t/σ_d, t)`` give
+    ``dF = cos t·sin t·dF⁻/dt`` directly, so no intermediate tangent carries the
+    ``1/sin t`` or ``∂_t c_noise`` blow-up near the ends of [0, π/2].
+
+    Runs under ``torch.no_grad`` (θ⁻ is a stop-gradient); call it on the raw module, never
+    on a DDP/FSDP wrapper. Returns ``(F⁻, dF)`` with the shape of ``x_t``, in the JVP dtype.
+    """
+    wide = torch.float64 if torch.float64 in (x_t.dtype, jvp_dtype) else torch.float32
+    t_jvp = t.to(wide)  # times and their coefficients stay float32+ (field notes, precision)
+    cs = torch.cos(t_jvp) * torch.sin(t_jvp)  # Eq. 6 rearranged: cos t·sin t moved inside
+    x_scaled = x_t / sigma_data
+    tangent_x = expand_like(cs, x_t) * dxdt / sigma_data
+    if jvp_dtype in (torch.float32, torch.float64):
+        # A full-precision JVP inside a mixed-precision run: leave autocast for this pass.
+        x_scaled, tangent_x = x_scaled.to(jvp_dtype), tangent_x.to(jvp_dtype)
+        precision = torch.autocast(device_type=x_t.device.type, enabled=False)
+    elif jvp_dtype is not None:
+        precision = torch.autocast(device_type=x_t.device.type, dtype=jvp_dtype)
+    else:
+        x_scaled, tangent_x = x_scaled.to(x_t.dtype), tangent_x.to(x_t.dtype)
+        precision = contextlib.nullcontext()
+
+    def f(x: Tensor, tt: Tensor) -> Tensor:
+        return model(x, tt, class_labels, guidance)
+
+    with torch.no_grad(), precision:
+        F_minus, dF = torch.func.jvp(f, (x_scaled, t_jvp), (tangent_x, cs))
+    return F_minus, dF
+
+
+def scm_tangent(
+    x_t: Tensor,
+    t: Tensor,
+    F_minus: Tensor,
+    dF: Tensor,
+    dxdt: Tensor,
+    sigma_data: float,
+    r: float,
+) -> Tensor:
+    """Rearranged tangent ``g = −cos²t·(σ_d F⁻ − dxdt) − r·(cos t·sin t·x_t + σ_d·dF)`` (Alg. 1).
+
+    ``g`` already carries the prior weighting ``1/(σ_d tan t)`` (spec §3). Computed in float32
+    or better. Shape of ``x_t``.
+    """
+    dtype = torch.promote_types(torch.float32, x_t.dtype)
+    tt = expand_like(t.to(dtype), x_t)
+    cos, sin = torch.cos(tt), torch.sin(tt)
+    F_minus, dF, dxdt, x_t = (a.to(dtype) for a in (F_minus, dF, dxdt, x_t))
+    return -(cos**2) * (sigma_data * F_minus - dxdt) - r * (cos * sin * x_t + sigma_data * dF)
+
+
+def normalize_tangent(
+    g: Tensor, c: float, spatially_invariant: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Tangent normalisation ``g/(‖g‖ + c)`` (§4.2); returns ``(g/(‖g‖ + c), ‖g‖)``."""
+    norm = g.flatten(1).norm(dim=1)
+    if spatially_invariant:
+        norm = norm / g[0].numel() ** 0.5
+    return g / (expand_like(norm, g) + c), norm
+
+
+def adaptive_weighted_loss(
+    residual_sq: Tensor, logvar: Tensor, num_elements: int, prior: Tensor | None = None
+) -> Tensor:
+    """Per-sample adaptive-weighting loss ``exp(w)/D·λ·‖·‖² − w`` (Alg. 1; EDM2 uncertainty)."""
+    weight = torch.exp(logvar) / num_elements
+    if prior is not None:
+        weight = weight * prior
+    return weight * residual_sq - logvar
+
+
+def scm_loss(
+    student: nn.Module,
+    x0: Tensor,
+    cfg: SCMLossConfig,
+    r: float,
+    teacher: TrigFlowFn | None = None,
+    class_labels: Tensor | None = None,
+    guidance: Tensor | None = None,
+    teacher_guidance: Callable[[Tensor, Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> SCMLossOutput:
+    """One sCD (``teacher`` given) or sCT (``teacher=None``) loss evaluation (Algorithm 1).
+
+    Args:
+        student: the raw student module, ``F_θ = student(x_t/σ_d, t, labels, guidance)`` with a
+            ``logvar(t)`` head (w_φ).
+        x0: clean data ``(B, C, H, W)`` in data units.
+        r: tangent warmup factor in [0, 1] (multiplies the second term of g only).
+        teacher: ``F_teacher(x_t/σ_d, t, labels, guidance)`` for sCD; None for sCT.
+        teacher_guidance: optional ``(x_t, t) -> dx_t/dt`` used instead of ``teacher`` (CFG).
+    """
+    sd = cfg.sigma_data
+    batch = x0.shape[0]
+    t = trigflow.sample_time(
+        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=x0.device
+    )  # Alg. 1 proposal
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sd
+    x_t = trigflow.add_noise(x0, z, t)
+
+    with torch.no_grad():
+        if teacher_guidance is not None:
+            dxdt = teacher_guidance(x_t, t)
+        elif teacher is not None:
+            dxdt = sd * teacher(x_t / sd, t, class_labels, None)  # sCD: σ_d·F_teacher
+        else:
+            dxdt = trigflow.sct_velocity(x0, z, t)  # sCT: cos t·z − sin t·x0
+        dxdt = dxdt.to(x0.dtype)
+
+    seed = (
+        int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device))
+        if has_active_dropout(student)
+        else None
+    )
+    with same_rng(seed, x0.device):
+        F_minus, dF = rearranged_jvp(
+            student, x_t, t, dxdt, sd, class_labels, guidance, jvp_dtype=cfg.jvp_dtype
+        )
+    g = scm_tangent(x_t, t, F_minus, dF, dxdt, sd, r)
+    g_raw_norm = g.flatten(1).norm(dim=1)
+    g, _ = normalize_tangent(g, cfg.tangent_norm_c, cfg.spatially_invariant_norm)
+
+    # Non-finite teacher velocity, F⁻ or tangent for a sample: drop it from this step (spec §3).
+    finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(F_minus).flatten(1).all(1)
+    g = torch.where(expand_like(finite, g), g, torch.zeros_like(g))
+    F_minus = torch.where(expand_like(finite, F_minus), F_minus, torch.zeros_like(F_minus))
+
+    with same_rng(seed, x0.device):
+        F_theta = student(x_t / sd, t, class_labels, guidance)
+    logvar = student.logvar(t).float()
+    target = (F_minus.to(g.dtype) + g).detach()
+    # where() (not a product) so a masked sample's inf/nan cannot leak into the gradient.
+    diff = torch.where(expand_like(finite, g), F_theta.to(g.dtype) - target, 0.0)
+    residual_sq = per_sample_sq_norm(diff)
+    prior = 1.0 / (sd * torch.tan(t.to(g.dtype))) if cfg.prior_weighting == "inv_sigma" else None
+    per_sample = adaptive_weighted_loss(residual_sq, logvar, x0[0].numel(), prior)
+    per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
+    count = finite.sum()
+    loss = per_sample.sum() / count.clamp(min=1)
+    with torch.no_grad():
+        g_norm = (g_raw_norm * finite).sum() / count.clamp(min=1)
+    return SCMLossOutput(
+        loss=loss,
+        g_norm=g_norm,
+        masked_fraction=1.0 - count.float() / batch,
+        logvar=logvar.detach().mean(),
+        per_sample=per_sample.detach(),
+    )
+
+
+def diffusion_loss(
+    model: nn.Module,
+    x0: Tensor,
+    sigma_data: float,
+    p_mean: float,
+    p_std: float,
+    class_labels: Tensor | None = None,
+    logvar: Callable[[Tensor], Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """TrigFlow diffusion loss ``E[w(t)·‖σ_d F(x_t/σ_d, t) − v_t‖²]`` (Eq. 4), adaptively weighted.
+
+    The residual is measured in TrigFlow units, ``‖F − v_t/σ_d‖²``; with ``logvar`` (w_φ) the
+    per-sample loss is ``exp(w)/D·‖·‖² − w``, otherwise the plain mean squared error.
+    """
+    batch = x0.shape[0]
+    t = trigflow.sample_time(
+        batch, p_mean, p_std, sigma_data, generator=generator, device=x0.device
+    )
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sigma_data
+    x_t = trigflow.add_noise(x0, z, t)
+    v_t = trigflow.velocity_target(x0, z, t)
+    F = model(x_t / sigma_data, t, class_labels, None)
+    residual_sq = per_sample_sq_norm(F.float() - v_t.float() / sigma_data)
+    if logvar is None:
+        return residual_sq.mean() / x0[0].numel()
+    w = logvar(t).float()
+    return adaptive_weighted_loss(residual_sq, w, x0[0].numel()).mean()

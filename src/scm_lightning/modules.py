@@ -1,0 +1,404 @@
+"""LightningModules: sCD/sCT distillation and TrigFlow diffusion training (thin glue).
+
+The math lives in :mod:`scm_lightning.losses`, :mod:`scm_lightning.trigflow` and
+:mod:`scm_lightning.sampling`; these classes own the modules, the optimiser, logging and
+checkpoint contents.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from scm_lightning import sampling
+from scm_lightning.losses import SCMLossConfig, diffusion_loss, scm_loss
+from scm_lightning.nets.student import Student
+from scm_lightning.nets.weighting import LogVarHead
+from scm_lightning.teachers.base import TrigFlowModel
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+TEACHER_PREFIX = "teacher."
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """An RNG keyed by (seed, global step, rank): a step's noise never depends on history.
+
+    This is what makes an interrupted-and-resumed run bit-identical to an uninterrupted one.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+    return gen
+
+
+def nonfinite_grad_count(module: nn.Module) -> int:
+    """Number of parameters whose gradient holds an inf or nan."""
+    return sum(
+        int(not torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None
+    )
+
+
+class _TrigFlowModule(L.LightningModule):
+    """Shared plumbing: optimiser from a factory, image shape, sampling, step RNG, fault skip."""
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None,
+        seed: int,
+        max_bad_steps: int,
+    ) -> None:
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.seed = int(seed)
+        self.max_bad_steps = int(max_bad_steps)
+        self.bad_steps_in_a_row = 0
+        self.last_step_skipped = False
+
+    # The trainable part (student or diffusion model) lives in `self.student` for both modules
+    # so that EMA, FID, export and sampling treat them alike.
+    student: nn.Module
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def step_rng(self, device: torch.device) -> torch.Generator:
+        return step_generator(self.seed, self.global_step, self.global_rank, device)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        )
+        self.log("train/grad_norm", grad_norm, on_step=True, prog_bar=False)
+        # A non-finite gradient must not reach the weights (or the EMA): drop it, count it.
+        self.last_step_skipped = not bool(torch.isfinite(grad_norm))
+        if self.last_step_skipped:
+            optimizer.zero_grad(set_to_none=True)
+            self.bad_steps_in_a_row += 1
+        else:
+            self.bad_steps_in_a_row = 0
+        self.log("train/skipped_steps_in_a_row", float(self.bad_steps_in_a_row), on_step=True)
+        if self.max_bad_steps and self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(limit trainer.max_bad_steps={self.max_bad_steps}); stopping at global step "
+                f"{self.global_step}. The last checkpoint written before this point is intact."
+            )
+
+    @torch.no_grad()
+    def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Prior sample ``σ_d·n`` of shape ``(N, *image_shape)`` (spec §5)."""
+        sd = self.student.sigma_data
+        return sd * torch.randn(
+            (num_samples, *self.image_shape), generator=generator, device=self.device
+        )
+
+
+class DistillationModule(_TrigFlowModule):
+    """sCD (teacher velocity) or sCT (data velocity) consistency training, spec §3.
+
+    Args:
+        teacher: frozen TrigFlow teacher (not saved in checkpoints; rebuilt from its source).
+        image_shape: ``(C, H, W)`` of one sample.
+        loss: :class:`SCMLossConfig` fields.
+        mode: ``"scd"`` or ``"sct"``.
+        student_guidance_embedding: give the student a zero-initialised CFG-scale input.
+        guidance_scale_range: ``(s_min, s_max)`` for CFG distillation (``s ~ U``), or None.
+        logvar_channels: width of w_φ(t)'s positional features.
+    """
+
+    def __init__(
+        self,
+        teacher: TrigFlowModel,
+        image_shape: Sequence[int],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        loss: dict[str, Any] | SCMLossConfig | None = None,
+        mode: str = "scd",
+        student_guidance_embedding: bool = False,
+        guidance_scale_range: Sequence[float] | None = None,
+        uncond_label: int | None = None,
+        logvar_channels: int = 128,
+        t_mid: float = 1.1,
+        seed: int = 0,
+        max_bad_steps: int = 20,
+    ) -> None:
+        super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
+        if mode not in ("scd", "sct"):
+            raise ValueError(f"mode must be 'scd' or 'sct', got {mode!r}")
+        self.mode = mode
+        self.loss_cfg = loss if isinstance(loss, SCMLossConfig) else SCMLossConfig(**(loss or {}))
+        if abs(self.loss_cfg.sigma_data - teacher.sigma_data) > 1e-12:
+            raise ValueError(
+                f"loss.sigma_data={self.loss_cfg.sigma_data} disagrees with the teacher's "
+                f"sigma_data={teacher.sigma_data}"
+            )
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = Student.from_teacher(
+            teacher, guidance_embedding=student_guidance_embedding, logvar_channels=logvar_channels
+        )
+        self.guidance_scale_range = tuple(guidance_scale_range) if guidance_scale_range else None
+        self.uncond_label = uncond_label
+        self.t_mid = float(t_mid)
+        self.tangent_warmup_r = 1.0  # set each step by the TangentWarmup callback
+
+    # -- the frozen teacher never trains and never lands in a checkpoint ------------------
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.teacher.state_dict().items():
+            state.setdefault(TEACHER_PREFIX + key, value)
+
+    # -- training -----------------------------------------------------------------------
+    def _guidance(self, batch_size: int, generator: torch.Generator) -> Tensor | None:
+        if self.guidance_scale_range is None:
+            return None
+        lo, hi = self.guidance_scale_range
+        u = torch.rand(batch_size, generator=generator, device=self.device)
+        return lo + (hi - lo) * u  # s ~ U[s_min, s_max] per sample (App. G.2)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        gen = self.step_rng(x0.device)
+        class_labels = labels if self.student.num_classes else None
+        guidance = self._guidance(x0.shape[0], gen)
+        teacher_velocity = None
+        if self.mode == "scd" and guidance is not None:
+            from scm_lightning.teachers.guidance import guided_velocity
+
+            def teacher_velocity(x_t: Tensor, t: Tensor) -> Tensor:
+                return guided_velocity(
+                    self.teacher, x_t, t, class_labels, guidance, self.uncond_label
+                )
+
+        out = scm_loss(
+            self.student,
+            x0,
+            self.loss_cfg,
+            r=self.tangent_warmup_r,
+            teacher=self.teacher if self.mode == "scd" else None,
+            class_labels=class_labels,
+            guidance=guidance,
+            teacher_guidance=teacher_velocity,
+            generator=gen,
+        )
+        self.log_dict(
+            {
+                "train/loss": out.loss.detach(),
+                "train/g_norm": out.g_norm,
+                "train/r": float(self.tangent_warmup_r),
+                "train/masked_fraction": out.masked_fraction,
+                "train/logvar": out.logvar,
+            },
+            on_step=True,
+            prog_bar=False,
+        )
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        return out.loss  # a non-finite loss gives non-finite grads: on_before_optimizer_step skips
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        gen = step_generator(self.seed, batch_idx, self.global_rank, x0.device)
+        with torch.no_grad():
+            out = scm_loss(
+                self.student,
+                x0,
+                self.loss_cfg,
+                r=1.0,
+                teacher=self.teacher if self.mode == "scd" else None,
+                class_labels=labels if self.student.num_classes else None,
+                generator=gen,
+            )
+        self.log("val/loss", out.loss, sync_dist=True, prog_bar=True)
+
+    # -- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        nfe: int = 1,
+        generator: torch.Generator | None = None,
+        t_mid: float | None = None,
+        class_labels: Tensor | None = None,
+        guidance: float | None = None,
+        times: Sequence[float] | None = None,
+    ) -> Tensor:
+        """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights."""
+        sd = self.student.sigma_data
+        if times is None:
+            times = sampling.consistency_times(
+                nfe, t_max=sampling.default_t_max(sd), t_mid=self.t_mid if t_mid is None else t_mid
+            )
+        g = None
+        if guidance is not None:
+            g = torch.full((num_samples,), float(guidance), device=self.device)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return sampling.consistency_sample(
+                self.student,
+                self.noise(num_samples, generator),
+                times,
+                sd,
+                class_labels=class_labels,
+                guidance=g,
+                generator=generator,
+            )
+        finally:
+            self.student.train(was_training)
+
+    @torch.no_grad()
+    def teacher_sample(
+        self,
+        num_samples: int,
+        nfe: int = 35,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher PF-ODE samples: Heun when ``nfe`` is odd (2·steps − 1), else Euler/DDIM."""
+        return sampling.teacher_sample(
+            self.teacher,
+            self.noise(num_samples, generator),
+            self.teacher.sigma_data,
+            nfe,
+            class_labels,
+        )
+
+
+class DiffusionModule(_TrigFlowModule):
+    """TrigFlow diffusion training (Eq. 4) with adaptive weighting: `pretrain` and teacher prep.
+
+    ``model`` is trained in place and exposed as ``self.student`` (so EMA/FID/export work
+    unchanged); its adaptive-weighting head is ``self.logvar``.
+    """
+
+    def __init__(
+        self,
+        model: TrigFlowModel,
+        image_shape: Sequence[int],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        p_mean: float = -0.8,
+        p_std: float = 1.6,
+        logvar_channels: int = 128,
+        label_dropout: float = 0.0,
+        seed: int = 0,
+        max_bad_steps: int = 20,
+    ) -> None:
+        super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
+        if not p_std > 0:
+            raise ValueError(f"p_std must be > 0, got {p_std}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        self.student = model
+        self.logvar = LogVarHead(logvar_channels)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.label_dropout = float(label_dropout)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _labels(self, labels: Tensor, generator: torch.Generator) -> Tensor | None:
+        num_classes = self.student.num_classes
+        if not num_classes:
+            return None
+        if self.label_dropout > 0:
+            drop = torch.rand(labels.shape, generator=generator, device=labels.device)
+            labels = torch.where(drop < self.label_dropout, num_classes, labels)  # null class
+        return labels
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        gen = self.step_rng(x0.device)
+        loss = diffusion_loss(
+            self.student,
+            x0,
+            self.student.sigma_data,
+            self.p_mean,
+            self.p_std,
+            class_labels=self._labels(labels, gen),
+            logvar=self.logvar,
+            generator=gen,
+        )
+        self.log("train/loss", loss.detach(), on_step=True)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        gen = step_generator(self.seed, batch_idx, self.global_rank, x0.device)
+        loss = diffusion_loss(
+            self.student,
+            x0,
+            self.student.sigma_data,
+            self.p_mean,
+            self.p_std,
+            class_labels=labels if self.student.num_classes else None,
+            generator=gen,
+        )
+        self.log("val/mse", loss, sync_dist=True, prog_bar=True)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        nfe: int = 35,
+        generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
+        **_: Any,
+    ) -> Tensor:
+        """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else Euler)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return sampling.teacher_sample(
+                self.student,
+                self.noise(num_samples, generator),
+                self.student.sigma_data,
+                nfe,
+                class_labels,
+            )
+        finally:
+            self.student.train(was_training)
+
+
+def inverse_sqrt_lr(t_ref: int) -> Callable[[int], float]:
+    """EDM2 learning-rate decay ``1/√(max(step/t_ref, 1))`` (spec §7, ImageNet columns)."""
+    if t_ref <= 0:
+        raise ValueError(f"t_ref must be > 0, got {t_ref}")
+    return lambda step: 1.0 / math.sqrt(max(step / t_ref, 1.0))
