@@ -1,0 +1,149 @@
+"""Lean forward-mode rules for the JVP pass, installed by a scoped TorchFunctionMode.
+
+PyTorch's generic forward-AD of ``conv2d`` issues three convolutions per layer (primal, input
+tangent, and one for the weight tangent even when there is none), and ``group_norm``'s rule
+is a long chain of small ops. In sCM's JVP pass the weights are θ⁻ (stop-gradient), so the
+tangent of a conv is one convolution of the input tangent, and GroupNorm's tangent has the
+closed form ``ty = γ·(t̃ − x̂·mean(x̂·t̃))·rstd`` with ``t̃ = tx − mean(tx)`` per group.
+
+:func:`fast_jvp` intercepts ``F.conv2d``, ``F.linear`` and ``F.group_norm`` calls of *any*
+model (diffusers or ours, no architecture change) while grad mode is off, and routes them to
+autograd Functions carrying these rules. Weight/bias tangents, if a caller supplies them,
+are still honoured, so the rules are exact in general. Tested against ``torch.func.jvp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor | None, *conv_args: Any) -> Tensor:
+        return F.conv2d(x, w, b, *conv_args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, w, _, *conv_args = inputs
+        ctx.conv_args = conv_args
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any) -> Tensor:
+        x, w = ctx.saved_tensors
+        out = F.conv2d(tx, w, None, *ctx.conv_args) if tx is not None else None
+        if tw is not None or tb is not None:  # only when weights carry tangents (not in sCM)
+            extra = F.conv2d(x, tw if tw is not None else torch.zeros_like(w), tb, *ctx.conv_args)
+            out = extra if out is None else out + extra
+        return out
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, w, _ = inputs
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor:
+        x, w = ctx.saved_tensors
+        out = F.linear(tx, w) if tx is not None else None
+        if tw is not None or tb is not None:
+            extra = F.linear(x, tw if tw is not None else torch.zeros_like(w), tb)
+            out = extra if out is None else out + extra
+        return out
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        x: Tensor, num_groups: int, w: Tensor | None, b: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xg = x.reshape(x.shape[0], num_groups, -1)
+        var, mean = torch.var_mean(xg, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (xg - mean) * rstd
+        out = xhat.view_as(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if w is not None and b is not None:
+            out = torch.addcmul(b.view(shape), out, w.view(shape))
+        elif w is not None:
+            out = out * w.view(shape)
+        elif b is not None:
+            out = out + b.view(shape)
+        return out, xhat, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, num_groups, w, _, _ = inputs
+        _, xhat, rstd = output
+        ctx.num_groups = num_groups
+        ctx.x_shape = x.shape
+        ctx.mark_non_differentiable(xhat, rstd)
+        ctx.save_for_forward(xhat, rstd, w)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, _g: Any, tw: Tensor | None, tb: Tensor | None, _e: Any):
+        xhat, rstd, w = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (len(ctx.x_shape) - 2)
+        out = torch.zeros(ctx.x_shape, dtype=xhat.dtype, device=xhat.device)
+        if tx is not None:
+            tg = tx.reshape(tx.shape[0], ctx.num_groups, -1)
+            tg = tg - tg.mean(-1, keepdim=True)
+            ty = (tg - xhat * (xhat * tg).mean(-1, keepdim=True)) * rstd  # tangent of x̂
+            out = ty.reshape(ctx.x_shape)
+            if w is not None:
+                out = out * w.view(shape)
+        if tw is not None:  # only when weights carry tangents (not in sCM)
+            out = out + xhat.reshape(ctx.x_shape) * tw.view(shape)
+        if tb is not None:
+            out = out + tb.view(shape)
+        return out, None, None
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
+class FastJVPMode(TorchFunctionMode):
+    """Routes conv2d / linear / group_norm to lean forward-AD rules while grad mode is off."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func is F.conv2d:
+            x, w = args[0], _arg(args, kwargs, 1, "weight", None)
+            conv_args = (
+                _arg(args, kwargs, 3, "stride", 1),
+                _arg(args, kwargs, 4, "padding", 0),
+                _arg(args, kwargs, 5, "dilation", 1),
+                _arg(args, kwargs, 6, "groups", 1),
+            )
+            return _Conv2d.apply(x, w, _arg(args, kwargs, 2, "bias", None), *conv_args)
+        if func is F.linear:
+            x, w = args[0], _arg(args, kwargs, 1, "weight", None)
+            return _Linear.apply(x, w, _arg(args, kwargs, 2, "bias", None))
+        if func is F.group_norm:
+            x, groups = args[0], _arg(args, kwargs, 1, "num_groups", None)
+            weight = _arg(args, kwargs, 2, "weight", None)
+            bias = _arg(args, kwargs, 3, "bias", None)
+            eps = _arg(args, kwargs, 4, "eps", 1e-5)
+            return _GroupNorm.apply(x, groups, weight, bias, eps)[0]
+        return func(*args, **kwargs)
+
+
+def fast_jvp() -> FastJVPMode:
+    """Context manager enabling the lean JVP rules (use around ``torch.func.jvp`` under no-grad)."""
+    return FastJVPMode()
