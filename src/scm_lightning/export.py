@@ -1,0 +1,253 @@
+"""Checkpoints -> modules, EMA profiles swapped in, and diffusers export (spec §5).
+
+* :func:`load_checkpoint` reads a Lightning ``.ckpt`` with ``torch.load(weights_only=True)``
+  only (a pickle that needs arbitrary code is refused) and checks it was written by
+  scm_lightning (``scm_config`` inside).
+* :func:`rebuild_module` rebuilds the Distillation/Diffusion module from the resolved run
+  config in the checkpoint and loads the weights (the frozen teacher comes from its source).
+* :func:`ema_swapped` swaps a stored EMA profile into the student (and back on exit).
+* :func:`export_module` writes the folder described in :mod:`scm_lightning.pipeline`:
+  ``unet/`` (the raw network's ``save_pretrained``), ``scheduler/`` (``SCMScheduler``,
+  ``prediction_type="trigflow"``, ``sigma_data``), ``adapter.json`` and ``model_index.json``.
+  The same folder is a TrigFlow teacher for ``teachers.loading.load_teacher`` (trigflow kind).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scm_lightning.config import ConfigError
+from scm_lightning.pipeline import SCMPipeline
+from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
+
+ONLINE = ("online", "none", "raw")  # ema=<one of these>: the raw (non-averaged) weights
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of an scm_lightning run; raises FileNotFoundError / ValueError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory, expected a Lightning .ckpt file"
+            " (exported folders are accepted by `sample` only)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise ValueError(
+                f"{str(path)!r} holds pickled objects ({unsafe.group(1)}) that "
+                "torch.load(weights_only=True) refuses; arbitrary pickles are never loaded"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint readable by torch.load(weights_only=True) "
+            f"({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+    if not isinstance(ckpt.get("scm_config"), dict):
+        raise ValueError(
+            f"{str(path)!r} was not written by scm_lightning `fit`/`pretrain` (no 'scm_config')"
+        )
+    if ckpt["scm_config"].get("task") not in ("fit", "pretrain"):
+        raise ValueError(f"{str(path)!r}: unknown task {ckpt['scm_config'].get('task')!r}")
+    return ckpt
+
+
+def rebuild_module(ckpt: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode."""
+    from omegaconf import OmegaConf
+
+    from scm_lightning import training
+    from scm_lightning.config import register_resolvers
+
+    register_resolvers()
+    cfg = OmegaConf.create(ckpt["scm_config"])
+    dm = training.build_datamodule(cfg)
+    if cfg.task == "fit":
+        module = training.build_distillation(cfg, dm)
+    else:
+        module = training.build_diffusion(cfg, dm)
+    module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
+    module.load_state_dict(ckpt["state_dict"])
+    module.run_config = ckpt["scm_config"]
+    return module.eval(), cfg, dm
+
+
+def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The EMA callback's state (``{"nimg", "last_step", "ema": {profile: {key: tensor}}}``)."""
+    for key, value in (ckpt.get("callbacks") or {}).items():
+        if key.startswith("EMA") and isinstance(value, dict) and isinstance(value.get("ema"), dict):
+            return value
+    return None
+
+
+def stored_profiles(ckpt: dict[str, Any]) -> list[str]:
+    state = ema_state(ckpt)
+    return list(state["ema"]) if state else []
+
+
+def resolve_profile(ckpt: dict[str, Any], requested: str | None, where: str = "") -> str | None:
+    """The EMA profile to use: ``requested``; None -> the run's ``validate_with`` (or the first
+    stored, or the raw weights when none is stored); ``online`` -> None (raw weights)."""
+    stored = stored_profiles(ckpt)
+    if requested is not None and str(requested) in ONLINE:
+        return None
+    if requested is None:
+        if not stored:
+            return None
+        ema_cfg = ((ckpt["scm_config"].get("callbacks") or {}).get("ema")) or {}
+        preferred = ema_cfg.get("validate_with") if isinstance(ema_cfg, dict) else None
+        return preferred if preferred in stored else stored[0]
+    if str(requested) not in stored:
+        have = f"stored: {stored}" if stored else "the checkpoint stores no EMA profiles"
+        raise ConfigError(
+            f"ema={requested!r} is not an EMA profile of {where or 'the checkpoint'}; {have} "
+            f"(or ema=online for the raw weights)"
+        )
+    return str(requested)
+
+
+@contextmanager
+def ema_swapped(
+    module: nn.Module, ckpt: dict[str, Any], profile: str | None
+) -> Iterator[str | None]:
+    """Load EMA ``profile`` from ``ckpt`` into ``module.student`` for the block (None: no swap)."""
+    if profile is None:
+        yield None
+        return
+    from scm_lightning.callbacks.ema import EMA
+
+    state = ema_state(ckpt)
+    if state is None or profile not in state["ema"]:
+        raise ConfigError(f"EMA profile {profile!r} is not stored; stored: {stored_profiles(ckpt)}")
+    # Only the stored averages matter for swapping, not how they were accumulated.
+    ema = EMA(profiles={name: {"kind": "constant", "beta": 0.0} for name in state["ema"]})
+    ema.load_state_dict(state)
+    with ema.swapped(module, profile):
+        yield profile
+
+
+def network_adapter(module: nn.Module) -> TrigFlowModel:
+    """The trained TrigFlow adapter: ``student.net`` of a Student, else the model itself."""
+    from scm_lightning.nets.student import Student
+
+    student = module.student
+    return student.net if isinstance(student, Student) else student
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"export folder {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise ValueError(
+            f"export folder {str(out)!r} is not empty and holds no earlier export "
+            "(model_index.json); choose a new or empty folder"
+        )
+
+
+def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
+    """Write the module's current student network as an ``SCMPipeline`` folder; returns it.
+
+    ``extra`` entries (EMA profile, step, model type, image shape, t_mid, ...) go into
+    ``adapter.json``. Call inside :func:`ema_swapped` (or ``EMA.swapped``) to export averages.
+    """
+    out = Path(out)
+    _check_out_dir(out)
+    adapter = network_adapter(module)
+    if not isinstance(adapter, NetAdapter):
+        raise TypeError(f"cannot export {type(adapter).__name__}: not a single-network adapter")
+    net = adapter.net
+    if not (hasattr(net, "save_pretrained") and hasattr(net, "config")):
+        raise TypeError(
+            f"cannot export {type(net).__name__}: the raw network must be a diffusers ModelMixin "
+            "(save_pretrained/from_pretrained), e.g. TrigFlowUNet or UNet2DModel"
+        )
+    _plain_config(net)
+    was_training = module.training
+    module.eval()
+    try:
+        pipe = SCMPipeline.from_adapter(adapter, **extra)
+        pipe.save_pretrained(out)
+    finally:
+        module.train(was_training)
+    return out
+
+
+def _plain_config(net: nn.Module) -> None:
+    """Replace OmegaConf containers in a diffusers config (a net built by Hydra's
+    ``instantiate`` without ``_convert_``) by plain lists/dicts, so it serialises to JSON."""
+    from omegaconf import OmegaConf
+
+    bad = {k: OmegaConf.to_container(v) for k, v in net.config.items() if OmegaConf.is_config(v)}
+    if bad:
+        net.register_to_config(**bad)
+
+
+def describe_module(module: Any, cfg: Any | None = None) -> dict[str, Any]:
+    """Metadata for adapter.json: model type, image shape, default sampling times."""
+    from scm_lightning.modules import DistillationModule
+    from scm_lightning.trigflow import t_max_from_sigma_max
+
+    sd = float(network_adapter(module).sigma_data)
+    info: dict[str, Any] = {
+        "model": "consistency" if isinstance(module, DistillationModule) else "diffusion",
+        "image_shape": list(module.image_shape),
+        "t_max": t_max_from_sigma_max(sigma_data=sd),
+    }
+    if isinstance(module, DistillationModule):
+        info["t_mid"] = float(module.t_mid)
+    if cfg is not None:
+        info["task"] = str(cfg.task)
+    return info
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: str | None = None) -> Path:
+    """``export`` command: checkpoint (+ EMA profile) -> diffusers folder."""
+    ckpt = load_checkpoint(ckpt_path)
+    profile = resolve_profile(ckpt, ema, str(ckpt_path))
+    module, cfg, _ = rebuild_module(ckpt)
+    meta = describe_module(module, cfg)
+    meta.update(ema_profile=profile, global_step=int(ckpt.get("global_step", 0)))
+    with ema_swapped(module, ckpt, profile):
+        return export_module(module, out, **meta)
+
+
+def export_trained_network(trainer: Any, module: Any, export_dir: str | Path) -> Path:
+    """After ``pretrain``: write the EMA weights (the EMA callback's ``validate_with`` profile,
+    else the raw weights) of the trained TrigFlow network as a teacher folder that
+    ``teachers.loading.load_teacher(export_dir)`` loads. The online weights are restored."""
+    from contextlib import nullcontext
+
+    from scm_lightning.callbacks.ema import EMA
+
+    emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
+    profile = emas[0].validate_with if emas else None
+    swap = emas[0].swapped(module, profile) if emas else nullcontext()
+    meta = describe_module(module, None)
+    meta.update(ema_profile=profile, global_step=int(trainer.global_step), task=module_task(module))
+    with swap:
+        return export_module(module, export_dir, **meta)
+
+
+def module_task(module: Any) -> str:
+    from scm_lightning.modules import DistillationModule
+
+    return "fit" if isinstance(module, DistillationModule) else "pretrain"
