@@ -36,6 +36,7 @@ def _run_training(task: str, overrides: list[str], print_cfg: bool) -> int:
     from scm_lightning.training import run
 
     cfg = compose_config(task, overrides)
+    os.environ["SCM_RUN_DIR"] = str(cfg.run_dir)  # DDP children relaunched by Lightning share it
     rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
     if rank == 0:
         Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg), "yaml", theme="ansi_dark"))
@@ -63,8 +64,12 @@ COMMANDS: dict[str, Callable[[str, list[str], bool], int]] = {
 def one_line(err: BaseException) -> str:
     """A bad-input error as one line: Hydra's and OmegaConf's messages trimmed to their point."""
     text = str(err).strip() or type(err).__name__
-    first = text.splitlines()[0]
-    return first
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type="))]
+    # Hydra wraps the real error on the next line ("Error in call to target ...:\nValueError(...)").
+    message = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{message} [config key: {key}]" if key else message
 
 
 def is_bad_input(err: BaseException) -> bool:

@@ -58,7 +58,7 @@ def latest_run_dir(task: str, root: Path = Path("runs")) -> Path | None:
 
 
 def assign_run_dir(cfg: DictConfig) -> None:
-    """Fix ``run_dir`` once; DDP children inherit it through ``SCM_RUN_DIR``."""
+    """Fix ``run_dir`` once; DDP children inherit it through ``SCM_RUN_DIR`` (set by the CLI)."""
     with open_dict(cfg):
         if cfg.get("ckpt_path") == "last" and cfg.run_dir is None:
             found = latest_run_dir(cfg.task)
@@ -69,12 +69,13 @@ def assign_run_dir(cfg: DictConfig) -> None:
                 )
             cfg.run_dir = str(found)
         if cfg.run_dir is None:
-            cfg.run_dir = os.environ.get("SCM_RUN_DIR") or str(
+            # A DDP child (LOCAL_RANK set by the launcher) reuses its parent's run dir.
+            inherited = os.environ.get("SCM_RUN_DIR") if "LOCAL_RANK" in os.environ else None
+            cfg.run_dir = inherited or str(
                 Path("runs") / cfg.task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             )
         if cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
-    os.environ["SCM_RUN_DIR"] = str(cfg.run_dir)
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

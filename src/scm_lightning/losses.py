@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from scm_lightning import trigflow
+from scm_lightning.jvp.fast import fast_jvp
 from scm_lightning.trigflow import expand_like
 
 TrigFlowFn = Callable[..., Tensor]
@@ -32,6 +33,7 @@ class SCMLossConfig:
     spatially_invariant_norm: bool = False  # divide ‖g‖ by √D (not in the paper; off)
     prior_weighting: str = "none"  # "none" | "inv_sigma" (extra 1/(σ_d tan t); spec §3 note)
     jvp_dtype: torch.dtype | None = None  # None: inherit run precision
+    fast_jvp: bool = True  # lean conv/linear/GroupNorm forward-AD rules (jvp/fast.py)
 
     def __post_init__(self) -> None:
         if not self.sigma_data > 0:
@@ -93,6 +95,7 @@ def rearranged_jvp(
     class_labels: Tensor | None = None,
     guidance: Tensor | None = None,
     jvp_dtype: torch.dtype | None = None,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """FP16-safe JVP of F⁻ along the PF-ODE (spec §3, "JVP rearrangement", paper §5.1).
 
@@ -121,7 +124,7 @@ def rearranged_jvp(
     def f(x: Tensor, tt: Tensor) -> Tensor:
         return model(x, tt, class_labels, guidance)
 
-    with torch.no_grad(), precision:
+    with torch.no_grad(), precision, fast_jvp() if fast else contextlib.nullcontext():
         F_minus, dF = torch.func.jvp(f, (x_scaled, t_jvp), (tangent_x, cs))
     return F_minus, dF
 
@@ -212,7 +215,7 @@ def scm_loss(
     )
     with same_rng(seed, x0.device):
         F_minus, dF = rearranged_jvp(
-            student, x_t, t, dxdt, sd, class_labels, guidance, jvp_dtype=cfg.jvp_dtype
+            student, x_t, t, dxdt, sd, class_labels, guidance, cfg.jvp_dtype, cfg.fast_jvp
         )
     g = scm_tangent(x_t, t, F_minus, dF, dxdt, sd, r)
     g_raw_norm = g.flatten(1).norm(dim=1)

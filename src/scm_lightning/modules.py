@@ -63,6 +63,13 @@ class _TrigFlowModule(L.LightningModule):
         self.max_bad_steps = int(max_bad_steps)
         self.bad_steps_in_a_row = 0
         self.last_step_skipped = False
+        # The resolved run config (a plain dict) travels in every checkpoint so that
+        # `sample`, `evaluate`, `export` and a resume can rebuild the module from it alone.
+        self.run_config: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["scm_config"] = self.run_config
 
     # The trainable part (student or diffusion model) lives in `self.student` for both modules
     # so that EMA, FID, export and sampling treat them alike.
@@ -140,6 +147,7 @@ class DistillationModule(_TrigFlowModule):
         t_mid: float = 1.1,
         seed: int = 0,
         max_bad_steps: int = 20,
+        jvp_attention: bool = True,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if mode not in ("scd", "sct"):
@@ -155,6 +163,12 @@ class DistillationModule(_TrigFlowModule):
         self.student = Student.from_teacher(
             teacher, guidance_embedding=student_guidance_embedding, logvar_channels=logvar_channels
         )
+        if jvp_attention:
+            # Flash-style attention with an O(L) forward-mode rule for the student's JVP pass;
+            # same architecture and weights, fused SDPA when no tangent is present (jvp/).
+            from scm_lightning.jvp.install import install_jvp_attention
+
+            install_jvp_attention(self.student)
         self.guidance_scale_range = tuple(guidance_scale_range) if guidance_scale_range else None
         self.uncond_label = uncond_label
         self.t_mid = float(t_mid)
@@ -167,6 +181,7 @@ class DistillationModule(_TrigFlowModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
@@ -253,9 +268,8 @@ class DistillationModule(_TrigFlowModule):
         """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights."""
         sd = self.student.sigma_data
         if times is None:
-            times = sampling.consistency_times(
-                nfe, t_max=sampling.default_t_max(sd), t_mid=self.t_mid if t_mid is None else t_mid
-            )
+            t_mid = self.t_mid if t_mid is None else t_mid
+            times = sampling.consistency_times(nfe, t_mid=t_mid, sigma_data=sd)
         g = None
         if guidance is not None:
             g = torch.full((num_samples,), float(guidance), device=self.device)

@@ -67,7 +67,7 @@ def build_distillation(cfg: DictConfig, dm: L.LightningDataModule) -> Distillati
     return DistillationModule(
         teacher=teacher,
         image_shape=image_shape(dm),
-        optimizer=instantiate(cfg.optim),
+        optimizer=instantiate(cfg.optim, _convert_="all"),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         loss={
             "sigma_data": loss.sigma_data,
@@ -77,12 +77,14 @@ def build_distillation(cfg: DictConfig, dm: L.LightningDataModule) -> Distillati
             "spatially_invariant_norm": loss.spatially_invariant_norm,
             "prior_weighting": loss.prior_weighting,
             "jvp_dtype": JVP_PRECISION[None if loss.jvp_precision is None else str(loss.jvp_precision)],
+            "fast_jvp": loss.fast_jvp,
         },
         mode=loss.mode,
         student_guidance_embedding=cfg.student.guidance_embedding,
         guidance_scale_range=cfg.student.guidance_scale_range,
         uncond_label=cfg.student.uncond_label,
         logvar_channels=cfg.student.logvar_channels,
+        jvp_attention=cfg.student.jvp_attention,
         t_mid=loss.t_mid,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
@@ -97,12 +99,12 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
     else:
         from scm_lightning.teachers.trigflow import TrigFlowNative
 
-        model = TrigFlowNative(instantiate(cfg.net), sigma_data=cfg.sigma_data)
+        model = TrigFlowNative(instantiate(cfg.net, _convert_="all"), sigma_data=cfg.sigma_data)
     check_model_matches_data(model, dm, "net")
     return DiffusionModule(
         model=model,
         image_shape=image_shape(dm),
-        optimizer=instantiate(cfg.optim),
+        optimizer=instantiate(cfg.optim, _convert_="all"),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         p_mean=cfg.p_mean,
         p_std=cfg.p_std,
@@ -124,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     module = build_distillation(cfg, dm) if cfg.task == "fit" else build_diffusion(cfg, dm)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = build_callbacks(cfg)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:

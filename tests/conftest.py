@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny teacher folders and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test networks run fastest single-threaded (and the CI box has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tiny_teacher(path: Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """A random TrigFlowUNet teacher folder (unet/ + SCMScheduler config), loadable offline."""
+    from diffusers import SCMScheduler
+
+    from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+
+    torch.manual_seed(seed)
+    net = TrigFlowUNet(sample_size=sample_size, block_channels=(16, 32), attention_head_dim=16)
+    for p in net.parameters():  # a non-trivial teacher (the default init outputs zeros)
+        p.data.normal_(std=0.05)
+    net.save_pretrained(path / "unet")
+    SCMScheduler(sigma_data=0.5).save_config(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return write_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m scm_lightning`` in a subprocess (single-threaded, no progress bar)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("SCM_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "scm_lightning", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
