@@ -14,6 +14,8 @@ are still honoured, so the rules are exact in general. Tested against ``torch.fu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,15 +24,28 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 
+@contextlib.contextmanager
+def _no_forward_ad() -> Iterator[None]:
+    """The primal of a rule: without this the built-in forward-AD formula would run as well."""
+    previous = torch._C._is_fwd_grad_enabled()
+    torch._C._set_fwd_grad_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_fwd_grad_enabled(previous)
+
+
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Tensor | None, *conv_args: Any) -> Tensor:
-        return F.conv2d(x, w, b, *conv_args)
+        with _no_forward_ad():
+            return F.conv2d(x, w, b, *conv_args)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, w, _, *conv_args = inputs
         ctx.conv_args = conv_args
+        ctx.set_materialize_grads(False)  # absent weight tangents arrive as None, not zeros
         ctx.save_for_forward(x, w)
 
     @staticmethod
@@ -46,11 +61,13 @@ class _Conv2d(torch.autograd.Function):
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.linear(x, w, b)
+        with _no_forward_ad():
+            return F.linear(x, w, b)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, w, _ = inputs
+        ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, w)
 
     @staticmethod
@@ -88,6 +105,7 @@ class _GroupNorm(torch.autograd.Function):
         _, xhat, rstd = output
         ctx.num_groups = num_groups
         ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(xhat, rstd)
         ctx.save_for_forward(xhat, rstd, w)
 
@@ -119,29 +137,46 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
 class FastJVPMode(TorchFunctionMode):
     """Routes conv2d / linear / group_norm to lean forward-AD rules while grad mode is off."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._inside = False  # functorch re-enters the mode from a Function's forward
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled():
+        if self._inside or torch.is_grad_enabled() or func not in _RULES:
             return func(*args, **kwargs)
-        if func is F.conv2d:
-            x, w = args[0], _arg(args, kwargs, 1, "weight", None)
-            conv_args = (
-                _arg(args, kwargs, 3, "stride", 1),
-                _arg(args, kwargs, 4, "padding", 0),
-                _arg(args, kwargs, 5, "dilation", 1),
-                _arg(args, kwargs, 6, "groups", 1),
-            )
-            return _Conv2d.apply(x, w, _arg(args, kwargs, 2, "bias", None), *conv_args)
-        if func is F.linear:
-            x, w = args[0], _arg(args, kwargs, 1, "weight", None)
-            return _Linear.apply(x, w, _arg(args, kwargs, 2, "bias", None))
-        if func is F.group_norm:
-            x, groups = args[0], _arg(args, kwargs, 1, "num_groups", None)
-            weight = _arg(args, kwargs, 2, "weight", None)
-            bias = _arg(args, kwargs, 3, "bias", None)
-            eps = _arg(args, kwargs, 4, "eps", 1e-5)
-            return _GroupNorm.apply(x, groups, weight, bias, eps)[0]
-        return func(*args, **kwargs)
+        self._inside = True
+        try:
+            return _RULES[func](args, kwargs)
+        finally:
+            self._inside = False
+
+
+def _conv2d(args: tuple, kwargs: dict) -> Tensor:
+    x, w = args[0], _arg(args, kwargs, 1, "weight", None)
+    conv_args = (
+        _arg(args, kwargs, 3, "stride", 1),
+        _arg(args, kwargs, 4, "padding", 0),
+        _arg(args, kwargs, 5, "dilation", 1),
+        _arg(args, kwargs, 6, "groups", 1),
+    )
+    return _Conv2d.apply(x, w, _arg(args, kwargs, 2, "bias", None), *conv_args)
+
+
+def _linear(args: tuple, kwargs: dict) -> Tensor:
+    x, w = args[0], _arg(args, kwargs, 1, "weight", None)
+    return _Linear.apply(x, w, _arg(args, kwargs, 2, "bias", None))
+
+
+def _group_norm(args: tuple, kwargs: dict) -> Tensor:
+    x, groups = args[0], _arg(args, kwargs, 1, "num_groups", None)
+    weight = _arg(args, kwargs, 2, "weight", None)
+    bias = _arg(args, kwargs, 3, "bias", None)
+    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    return _GroupNorm.apply(x, groups, weight, bias, eps)[0]
+
+
+_RULES = {F.conv2d: _conv2d, F.linear: _linear, F.group_norm: _group_norm}
 
 
 def fast_jvp() -> FastJVPMode:
