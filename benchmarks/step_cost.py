@@ -64,9 +64,9 @@ def main() -> None:
             student, x0, 0.5, -1.0, 1.4, logvar=student.logvar, generator=g
         ),
         "scd": lambda g: scm_loss(student, x0, SCMLossConfig(), 1.0, teacher, generator=g).loss,
-        "scd_generic_jvp": lambda g: scm_loss(
-            student, x0, SCMLossConfig(fast_jvp=False), 1.0, teacher, generator=g
-        ).loss,
+        "scd_generic_jvp": lambda g: (
+            scm_loss(student, x0, SCMLossConfig(fast_jvp=False), 1.0, teacher, generator=g).loss
+        ),
     }
 
     def step(name: str) -> float:
@@ -83,7 +83,9 @@ def main() -> None:
         for name in losses:
             times[name].append(step(name))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"config={args.config} batch={tuple(cfg['shape'])} threads={args.threads} reps={args.reps}")
+    print(
+        f"config={args.config} batch={tuple(cfg['shape'])} threads={args.threads} reps={args.reps}"
+    )
     for name, t in med.items():
         print(f"  {name:16s} {t * 1e3:8.1f} ms  ({t / med['diffusion']:.2f}x diffusion)")
     print(

@@ -2,7 +2,9 @@
 
 Commands: ``fit`` (sCD/sCT distillation), ``pretrain`` (TrigFlow diffusion training or
 teacher preparation), ``sample``, ``evaluate``, ``export``. A bad input stops with one line
-on stderr and exit code 2; ``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the traceback.
+on stderr and exit code 2; a crash during training (including a run stopped after
+``max_bad_steps`` non-finite steps) one line and exit code 1; ``--debug`` (or
+``HYDRA_FULL_ERROR=1``) shows the traceback. See docs/validation.md.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-USAGE = """usage: python -m scm_lightning {fit,pretrain,sample,evaluate,export} [--debug] [--cfg] [key=value ...]
+USAGE = """\
+usage: python -m scm_lightning {fit,pretrain,sample,evaluate,export} [--debug] [--cfg]
+                              [key=value ...]
 
   fit       distill a teacher into a 1-2 step consistency model (sCD, or sCT with loss=sct)
   pretrain  train a TrigFlow diffusion teacher (or prepare an existing one: prepare_from=...)
@@ -29,20 +33,26 @@ EXIT_RUNTIME = 1
 
 def _run_training(task: str, overrides: list[str], print_cfg: bool) -> int:
     from omegaconf import OmegaConf
-    from rich.console import Console
-    from rich.syntax import Syntax
 
-    from scm_lightning.config import compose_config
-    from scm_lightning.training import run
+    from scm_lightning.config import compose_config, validate_config
 
     cfg = compose_config(task, overrides)
-    os.environ["SCM_RUN_DIR"] = str(cfg.run_dir)  # DDP children relaunched by Lightning share it
-    rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
-    if rank == 0:
-        Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg), "yaml", theme="ansi_dark"))
+
+    def show_config() -> None:
+        rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
+        if rank == 0:
+            from rich.console import Console
+            from rich.syntax import Syntax
+
+            Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg), "yaml", theme="ansi_dark"))
+
     if print_cfg:
+        show_config()
         return 0
-    run(cfg)
+    validate_config(cfg)  # before Lightning is even imported: most bad inputs fail in ~1 s
+    from scm_lightning.training import run
+
+    run(cfg, on_ready=show_config)  # printed once data, teacher and resume checks passed
     return 0
 
 
@@ -62,28 +72,42 @@ COMMANDS: dict[str, Callable[[str, list[str], bool], int]] = {
 
 
 def one_line(err: BaseException) -> str:
-    """A bad-input error as one line: Hydra's and OmegaConf's messages trimmed to their point."""
+    """An error as one line: Hydra's and OmegaConf's messages trimmed to their point."""
     text = str(err).strip() or type(err).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type="))]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type="))] or [text]
     # Hydra wraps the real error on the next line ("Error in call to target ...:\nValueError(...)").
     message = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
     return f"{message} [config key: {key}]" if key else message
 
 
 def is_bad_input(err: BaseException) -> bool:
-    """Errors that mean "your input is wrong" (exit 2, no traceback) vs a crash (exit 1)."""
+    """Errors that mean "your input is wrong" (exit 2, no traceback) vs a crash (exit 1).
+
+    ``training.run`` marks an error raised after the first training step with
+    ``bad_input=False``: from then on a ValueError is a crash, not a bad input.
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from scm_lightning.config import ConfigError
 
-    if isinstance(err, (ConfigError, HydraException, OmegaConfBaseException)):
+    if isinstance(err, ConfigError):
         return True
+    flag = getattr(err, "bad_input", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return True
+    if "lightning" in sys.modules:  # Lightning's own "your Trainer arguments are wrong"
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if isinstance(err, MisconfigurationException):
+            return True
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return True
-    return isinstance(err, (ValueError, KeyError, TypeError)) and getattr(err, "bad_input", True)
+    return isinstance(err, (ValueError, KeyError, TypeError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else EXIT_BAD_INPUT
     command, overrides = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+        print(
+            f"error: unknown command {command!r}; expected one of {sorted(COMMANDS)}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     try:
         return COMMANDS[command](command, overrides, print_cfg)
@@ -106,12 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
-        bad = is_bad_input(err)
-        kind = "error" if bad else f"error ({type(err).__name__})"
-        print(f"{kind}: {one_line(err)}", file=sys.stderr)
-        if not bad:
-            print("(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_BAD_INPUT if bad else EXIT_RUNTIME
+        if is_bad_input(err):
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # A crash (or a diverged run): still one line; the traceback is one flag away.
+        print(
+            f"error ({type(err).__name__}): {one_line(err)} [--debug shows the traceback]",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

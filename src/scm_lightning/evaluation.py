@@ -83,10 +83,15 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     ref = dm.reference_images(int(ev.num_samples))
     ref_stats = reference_stats(ref, int(ev.batch_size), feature_net, device)
     n, bs, seed = int(ev.num_samples), int(ev.batch_size), int(ev.seed)
-    results: dict[str, Any] = {"num_samples": n, "feature": str(getattr(feature_net, "feature_id", ""))}
+    results: dict[str, Any] = {
+        "num_samples": n,
+        "feature": str(getattr(feature_net, "feature_id", "")),
+    }
 
     def fd(sampler: Sampler) -> float:
-        return frechet_distance_from_stats(sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats)
+        return frechet_distance_from_stats(
+            sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats
+        )
 
     teacher = getattr(module, "teacher", None)
     for nfe in ev.get("teacher_nfes", []) if teacher is not None else []:

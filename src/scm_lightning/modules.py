@@ -63,6 +63,7 @@ class _TrigFlowModule(L.LightningModule):
         self.max_bad_steps = int(max_bad_steps)
         self.bad_steps_in_a_row = 0
         self.last_step_skipped = False
+        self.unusable_batch: Tensor | None = None  # set by training_step: every sample masked
         # The resolved run config (a plain dict) travels in every checkpoint so that
         # `sample`, `evaluate`, `export` and a resume can rebuild the module from it alone.
         self.run_config: dict[str, Any] | None = None
@@ -70,10 +71,62 @@ class _TrigFlowModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["scm_config"] = self.run_config
+        checkpoint["scm_image_shape"] = list(self.image_shape)  # checked on resume
 
     # The trainable part (student or diffusion model) lives in `self.student` for both modules
     # so that EMA, FID, export and sampling treat them alike.
     student: nn.Module
+    # FSDP2 settings (trainer=fsdp; set by training.py from `trainer.fsdp`): shard the frozen
+    # teacher too (saves memory) or keep a full replica on every rank (no per-step gathers).
+    shard_teacher: bool = False
+    fsdp_min_block_params: int = 1
+    fsdp_reshard_after_forward: bool = True
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` the student's blocks,
+        its separately called ``logvar`` head and the student root on the data-parallel mesh.
+
+        A no-op under every other strategy. Without it, ModelParallelStrategy would train
+        unsynchronised replicas (see :mod:`scm_lightning.fsdp`).
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        from scm_lightning.fsdp import shard_model
+
+        mesh = self.device_mesh["data_parallel"]
+        kwargs = {
+            "min_params": self.fsdp_min_block_params,
+            "reshard_after_forward": self.fsdp_reshard_after_forward,
+        }
+        extra = [getattr(self.student, "logvar", None), getattr(self, "logvar", None)]
+        shard_model(self.student, mesh, extra_units=extra, **kwargs)
+        teacher = getattr(self, "teacher", None)
+        if self.shard_teacher and isinstance(teacher, nn.Module):
+            shard_model(teacher, mesh, **kwargs)
+
+    def enable_gradient_checkpointing(self) -> int:
+        """Activation checkpointing of the student's blocks for the gradient pass.
+
+        Applies to every submodule that supports it (diffusers-style
+        ``enable_gradient_checkpointing``; TrigFlowUNet switches it off under a JVP by
+        itself). Returns how many modules were switched; 0 raises ValueError.
+        """
+        count = 0
+        for m in self.student.modules():
+            if getattr(m, "_supports_gradient_checkpointing", False) and hasattr(
+                m, "enable_gradient_checkpointing"
+            ):
+                m.enable_gradient_checkpointing()
+                count += 1
+        if count == 0:
+            raise ValueError(
+                "student.gradient_checkpointing=true but the student's network "
+                f"({type(self.student).__name__}) has no enable_gradient_checkpointing()"
+            )
+        return count
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -86,17 +139,44 @@ class _TrigFlowModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def step_rng(self, device: torch.device) -> torch.Generator:
-        return step_generator(self.seed, self.global_step, self.global_rank, device)
+    def step_rng(self, device: torch.device, batch_idx: int = 0) -> torch.Generator:
+        """The noise RNG of this micro-batch, keyed by (seed, optimizer step, slot).
+
+        ``slot = micro·W + rank`` with ``micro`` the micro-batch inside gradient accumulation:
+        every micro-batch of a step draws fresh noise, and a run with W ranks × A micro-batches
+        draws exactly what one process with W·A micro-batches draws (``EpochShuffleSampler``
+        hands it the same images), whatever the number of devices.
+        """
+        trainer = self._trainer
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        world = int(trainer.world_size) if trainer is not None else 1
+        slot = (batch_idx % accumulate) * world + self.global_rank
+        return step_generator(self.seed, self.global_step, slot, device)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        from scm_lightning.fsdp import full_norm
+
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # Sharded (FSDP2) gradients: each norm is all-reduced, so every rank takes the same
+        # skip decision below.
         grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+            torch.stack([full_norm(torch.linalg.vector_norm(g.float())) for g in grads])
+            if grads
+            else torch.zeros(1, device=self.device)
         )
         self.log("train/grad_norm", grad_norm, on_step=True, prog_bar=False)
         # A non-finite gradient must not reach the weights (or the EMA): drop it, count it.
-        self.last_step_skipped = not bool(torch.isfinite(grad_norm))
+        # So must a batch whose every sample was masked: its gradient is zero, but Adam's
+        # momentum would still move the weights.
+        bad = ~torch.isfinite(grad_norm)
+        if self.unusable_batch is not None:
+            bad = bad | self.unusable_batch.to(bad.device)
+            self.unusable_batch = None
+        skipped = bool(bad)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # one decision for all ranks
+            skipped = bool(trainer.strategy.reduce_boolean_decision(skipped, all=False))
+        self.last_step_skipped = skipped
         if self.last_step_skipped:
             optimizer.zero_grad(set_to_none=True)
             self.bad_steps_in_a_row += 1
@@ -104,10 +184,12 @@ class _TrigFlowModule(L.LightningModule):
             self.bad_steps_in_a_row = 0
         self.log("train/skipped_steps_in_a_row", float(self.bad_steps_in_a_row), on_step=True)
         if self.max_bad_steps and self.bad_steps_in_a_row >= self.max_bad_steps:
+            from scm_lightning.checkpointing import divergence_message
+
             raise FloatingPointError(
-                f"{self.bad_steps_in_a_row} consecutive steps had a non-finite loss or gradient "
-                f"(limit trainer.max_bad_steps={self.max_bad_steps}); stopping at global step "
-                f"{self.global_step}. The last checkpoint written before this point is intact."
+                divergence_message(
+                    self.bad_steps_in_a_row, self.max_bad_steps, self.global_step, trainer
+                )
             )
 
     @torch.no_grad()
@@ -173,12 +255,32 @@ class DistillationModule(_TrigFlowModule):
         self.uncond_label = uncond_label
         self.t_mid = float(t_mid)
         self.tangent_warmup_r = 1.0  # set each step by the TangentWarmup callback
+        self._register_teacher_state_hooks()
 
     # -- the frozen teacher never trains and never lands in a checkpoint ------------------
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
         self.teacher.eval()
         return self
+
+    def _register_teacher_state_hooks(self) -> None:
+        """Keep the teacher out of ``state_dict()`` itself and refill it on load.
+
+        Every strategy then sees a teacher-free module state: Lightning's FSDP2 resume loads a
+        distributed checkpoint into exactly the keys ``state_dict()`` lists, so stripping the
+        teacher only in ``on_save_checkpoint`` would leave it "missing" there.
+        """
+
+        def drop(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
+            for key in [k for k in state if k.startswith(prefix + TEACHER_PREFIX)]:
+                del state[key]
+
+        def refill(state: dict[str, Any], prefix: str, *args: Any) -> None:
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(prefix + TEACHER_PREFIX + key, value)
+
+        self.register_state_dict_post_hook(drop)
+        self._register_load_state_dict_pre_hook(refill)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -201,7 +303,7 @@ class DistillationModule(_TrigFlowModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        gen = self.step_rng(x0.device)
+        gen = self.step_rng(x0.device, batch_idx)
         class_labels = labels if self.student.num_classes else None
         guidance = self._guidance(x0.shape[0], gen)
         teacher_velocity = None
@@ -236,6 +338,9 @@ class DistillationModule(_TrigFlowModule):
             prog_bar=False,
         )
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        all_masked = out.masked_fraction >= 1  # tensor: no device sync here
+        prev = self.unusable_batch  # OR over accumulated micro-batches
+        self.unusable_batch = all_masked if prev is None else prev | all_masked
         return out.loss  # a non-finite loss gives non-finite grads: on_before_optimizer_step skips
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -358,7 +463,7 @@ class DiffusionModule(_TrigFlowModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        gen = self.step_rng(x0.device)
+        gen = self.step_rng(x0.device, batch_idx)
         loss = diffusion_loss(
             self.student,
             x0,

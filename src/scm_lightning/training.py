@@ -7,7 +7,11 @@ composed config. The order is: validate the config, build and check data and tea
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +20,23 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from scm_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    check_resume_config,
+    check_resume_state,
+    has_own_checkpoint_io,
+)
 from scm_lightning.config import ConfigError, validate_config
 from scm_lightning.modules import DiffusionModule, DistillationModule
 from scm_lightning.teachers.base import TrigFlowModel
 
-JVP_PRECISION = {None: None, "32": torch.float32, "64": torch.float64, "bf16": torch.bfloat16, "16": torch.float16}
+JVP_PRECISION = {
+    None: None,
+    "32": torch.float32,
+    "64": torch.float64,
+    "bf16": torch.bfloat16,
+    "16": torch.float16,
+}
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -51,9 +67,68 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
+FSDP2_STRATEGY = "fsdp2"  # trainer.strategy value that builds a ModelParallelStrategy
+
+
+def num_processes(trainer_cfg: DictConfig) -> int:
+    """Processes of a run: ``devices`` (int, list of ids, or auto/-1: all GPUs) × ``num_nodes``."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        per_node = len(devices)
+    elif str(trainer_cfg.get("accelerator", "auto")) != "cpu" and torch.cuda.is_available():
+        per_node = torch.cuda.device_count()
+    else:
+        per_node = 1
+    return per_node * int(trainer_cfg.get("num_nodes", 1))
+
+
+def build_strategy(trainer_cfg: DictConfig) -> Any:
+    """``trainer.strategy``: Lightning's own names pass through; ``fsdp2`` builds FSDP2.
+
+    FSDP2 is Lightning's ``ModelParallelStrategy`` with every process on the data-parallel
+    axis (``tensor_parallel_size=1``); the sharding itself is ``configure_model``.
+    """
+    strategy = trainer_cfg.get("strategy", "auto")
+    if strategy != FSDP2_STRATEGY:
+        return instantiate(strategy) if OmegaConf.is_dict(strategy) else strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    fsdp = trainer_cfg.get("fsdp") or {}
+    return ModelParallelStrategy(
+        data_parallel_size=num_processes(trainer_cfg),
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=bool(fsdp.get("save_distributed_checkpoint", True)),
+    )
+
+
+def apply_fsdp_settings(module: L.LightningModule, trainer_cfg: DictConfig) -> None:
+    """Copy ``trainer.fsdp`` (shard_teacher, min_block_params, reshard_after_forward) over."""
+    fsdp = trainer_cfg.get("fsdp") or {}
+    module.shard_teacher = bool(fsdp.get("shard_teacher", False))
+    module.fsdp_min_block_params = int(fsdp.get("min_block_params", 1))
+    module.fsdp_reshard_after_forward = bool(fsdp.get("reshard_after_forward", True))
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.pop("fsdp", None)  # ours, not a Trainer argument
+    kwargs.pop("strategy", None)
+    strategy = build_strategy(cfg.trainer)
+    # Crash-safe checkpoint writes (temp file + fsync + rename); FSDP/ModelParallel strategies
+    # write distributed checkpoints with their own IO.
+    plugins = [] if has_own_checkpoint_io(strategy) else [AtomicCheckpointIO()]
+    return instantiate(
+        OmegaConf.create(kwargs),
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=plugins or None,
+    )
 
 
 def image_shape(dm: L.LightningDataModule) -> tuple[int, int, int]:
@@ -76,7 +151,9 @@ def build_distillation(cfg: DictConfig, dm: L.LightningDataModule) -> Distillati
             "tangent_norm_c": loss.tangent_norm_c,
             "spatially_invariant_norm": loss.spatially_invariant_norm,
             "prior_weighting": loss.prior_weighting,
-            "jvp_dtype": JVP_PRECISION[None if loss.jvp_precision is None else str(loss.jvp_precision)],
+            "jvp_dtype": JVP_PRECISION[
+                None if loss.jvp_precision is None else str(loss.jvp_precision)
+            ],
             "fast_jvp": loss.fast_jvp,
         },
         mode=loss.mode,
@@ -114,29 +191,78 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
     )
 
 
+class TrainingStarted(L.Callback):
+    """Records whether the first training batch began (errors after it are crashes)."""
+
+    started = False
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.started = True
+
+
 def save_resolved_config(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, build and train for ``cfg.task`` in {fit, pretrain}; returns final figures."""
+def run(cfg: DictConfig, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Validate, build and train for ``cfg.task`` in {fit, pretrain}; returns final figures.
+
+    ``on_ready`` is called once every pre-flight check passed, just before training (the CLI
+    prints the config there, so a rejected input prints nothing but its error line).
+    """
     validate_config(cfg)
+    if cfg.trainer.get("strategy") == FSDP2_STRATEGY and cfg.get("export_dir"):
+        raise ConfigError(
+            "export_dir with trainer=fsdp: export after training from the checkpoint instead "
+            "(docs/scaling.md: consolidate the distributed checkpoint, then `export`)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    # A resume is checked against the run it continues before anything is built or written.
+    resume = None
+    if ckpt_path and Path(ckpt_path).is_file():  # (FSDP2 distributed checkpoints are folders)
+        resume = check_resume_config(cfg, ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")  # e.g. an image folder's scan: an unreadable file fails here, not mid-run
     module = build_distillation(cfg, dm) if cfg.task == "fit" else build_diffusion(cfg, dm)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if resume is not None:
+        check_resume_state(resume, module)
+        del resume
+    apply_fsdp_settings(module, cfg.trainer)
+    if (cfg.get("student") or {}).get("gradient_checkpointing", False):
+        module.enable_gradient_checkpointing()
     callbacks = build_callbacks(cfg)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         save_resolved_config(cfg)
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if on_ready is not None:
+        on_ready()
+    phase = TrainingStarted()
+    trainer.callbacks.append(phase)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except Exception as err:
+        if phase.started and not isinstance(err, ConfigError):
+            # Past the first step a ValueError is a crash, not a bad input (cli.is_bad_input).
+            with contextlib.suppress(AttributeError):
+                err.bad_input = False  # type: ignore[attr-defined]
+        raise
     results: dict[str, Any] = {}
-    if trainer.is_global_zero:
+    # A sharded (FSDP2) student needs every rank in each forward: all ranks evaluate (same
+    # seeds, same figures) and rank 0 alone prints and writes. Otherwise rank 0 alone runs it.
+    from scm_lightning.fsdp import is_sharded
+
+    if trainer.is_global_zero or is_sharded(module.student):
         from scm_lightning.evaluation import final_quality
 
-        results = final_quality(cfg, module, dm, trainer)
+        rank0 = trainer.is_global_zero
+        with contextlib.nullcontext() if rank0 else redirect_stdout(io.StringIO()):
+            results = final_quality(cfg, module, dm, trainer)
+    if trainer.is_global_zero:
         (Path(cfg.run_dir) / "results.json").write_text(json.dumps(results, indent=2))
         if cfg.task == "pretrain" and cfg.get("export_dir"):
             from scm_lightning.export import export_trained_network

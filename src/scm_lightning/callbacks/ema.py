@@ -318,7 +318,12 @@ class EMA(Callback):
             return
         images = self.global_batch_size or self._pending_images
         self._pending_images = 0
-        self.update(_student(pl_module), trainer.global_step, images)
+        if getattr(pl_module, "last_step_skipped", False):
+            # The step was skipped (non-finite gradient): the weights did not change, so the
+            # averages must not either (nor the image count the power profiles key on).
+            self.last_step = trainer.global_step
+        else:
+            self.update(_student(pl_module), trainer.global_step, images)
         every = self.snapshot_every_n_steps
         if every and trainer.global_step % every == 0:
             self.write_snapshots(trainer, pl_module)

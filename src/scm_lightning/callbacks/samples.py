@@ -48,13 +48,18 @@ class SampleGrid(L.Callback):
         self.seed = int(seed)
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
-        if not trainer.is_global_zero:
+        from scm_lightning.fsdp import is_sharded
+
+        # A sharded (FSDP2) student needs every rank in each forward: all ranks sample,
+        # rank 0 writes. Otherwise only rank 0 samples.
+        if not trainer.is_global_zero and not is_sharded(pl_module.student):
             return
         with ema_weights(trainer, pl_module):
             for nfe in self.nfes:
                 gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                 images = pl_module.sample(self.num_samples, nfe=nfe, generator=gen)
-                save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
+                if trainer.is_global_zero:
+                    save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         step = trainer.global_step

@@ -131,19 +131,24 @@ class ImageDataModule(L.LightningDataModule):
         return torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed``; drops the incomplete last batch.
-
-        Each call starts the same sequence of epochs. Under DDP Lightning swaps in a
-        DistributedSampler, whose shuffle is seeded by Lightning's global seed instead.
+        """Shuffled by an :class:`EpochShuffleSampler`: the order is a function of
+        ``(seed, epoch)`` only, split by data-parallel rank (W ranks × batch B see what one
+        process sees with batch W·B), and a run resumed mid-epoch continues with the next
+        batch of the same order. Drops the incomplete last (global) batch.
         """
+        from scm_lightning.data.sampler import EpochShuffleSampler, resume_position
+
         dataset = self.train_dataset()
         self._check_batch_size(len(dataset))  # type: ignore[arg-type]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochShuffleSampler(len(dataset), self.batch_size, self.seed, rank, world)  # type: ignore[arg-type]
+        sampler.resume_from(*resume_position(trainer))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

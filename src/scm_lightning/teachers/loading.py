@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _find_folders(path: Path, scheduler_config: str | Path | None) -> tuple[Path, Path | None]:
     """(model folder, scheduler config file or None) for the layouts in the module doc."""
+    if path.is_file():  # e.g. an EDM .pkl snapshot: unpickling one could run arbitrary code
+        raise ValueError(
+            f"teacher path {path} is a file; supported: a diffusers pipeline folder (unet/ or "
+            "transformer/ + scheduler/) or model folder (config.json) with .safetensors weights "
+            "(pickled .bin weights only with allow_pickle=True); pickled network files such as "
+            "EDM .pkl snapshots are not loaded: convert them to a diffusers folder"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"teacher directory {path} does not exist (or is not a directory)")
     if (path / "config.json").is_file():
@@ -106,6 +114,12 @@ def _check_safetensors(model_dir: Path, allow_pickle: bool) -> None:
         raise ValueError(
             f"{model_dir} has no .safetensors weights; loading pickled (.bin) weights can run "
             "arbitrary code: pass allow_pickle=True only for a trusted teacher"
+        )
+    if not has_safe:
+        warnings.warn(
+            f"loading pickled (.bin) teacher weights from {model_dir} (allow_pickle=True): "
+            "unpickling can run arbitrary code; only do this for a trusted teacher",
+            stacklevel=3,
         )
 
 
