@@ -64,7 +64,10 @@ def check_model_matches_data(model: TrigFlowModel, dm: L.LightningDataModule, wh
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = (cfg.get("callbacks") or {}).items()
+    # trainer.enable_progress_bar=false wins over the progress-bar callback (Lightning refuses both)
+    skip = {"progress"} if not cfg.trainer.get("enable_progress_bar", True) else set()
+    return [instantiate(c) for name, c in callbacks if c is not None and name not in skip]
 
 
 FSDP2_STRATEGY = "fsdp2"  # trainer.strategy value that builds a ModelParallelStrategy
