@@ -129,7 +129,9 @@ class _TrigFlowModule(L.LightningModule):
         return count
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        # Everything trainable: the student (with its w_φ head) or the diffusion model and its
+        # w_φ; the frozen teacher has requires_grad off.
+        params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
@@ -440,17 +442,6 @@ class DiffusionModule(_TrigFlowModule):
         self.logvar = LogVarHead(logvar_channels)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.label_dropout = float(label_dropout)
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
 
     def _labels(self, labels: Tensor, generator: torch.Generator) -> Tensor | None:
         num_classes = self.student.num_classes
