@@ -85,35 +85,30 @@ class _GroupNorm(torch.autograd.Function):
     def forward(
         x: Tensor, num_groups: int, w: Tensor | None, b: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        xg = x.reshape(x.shape[0], num_groups, -1)
-        var, mean = torch.var_mean(xg, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (xg - mean) * rstd
-        out = xhat.view_as(x)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        if w is not None and b is not None:
-            out = torch.addcmul(b.view(shape), out, w.view(shape))
-        elif w is not None:
-            out = out * w.view(shape)
-        elif b is not None:
-            out = out + b.view(shape)
-        return out, xhat, rstd
+        n, c = x.shape[0], x.shape[1]
+        with _no_forward_ad():  # the fused kernel, which also returns the group statistics
+            out, mean, rstd = torch.native_group_norm(
+                x, w, b, n, c, x[0, 0].numel(), num_groups, eps
+            )
+        return out, mean, rstd
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         x, num_groups, w, _, _ = inputs
-        _, xhat, rstd = output
+        _, mean, rstd = output
         ctx.num_groups = num_groups
         ctx.x_shape = x.shape
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(xhat, rstd)
-        ctx.save_for_forward(xhat, rstd, w)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_forward(x, mean, rstd, w)
 
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, _g: Any, tw: Tensor | None, tb: Tensor | None, _e: Any):
-        xhat, rstd, w = ctx.saved_tensors
+        x, mean, rstd, w = ctx.saved_tensors
         shape = (1, -1) + (1,) * (len(ctx.x_shape) - 2)
-        out = torch.zeros(ctx.x_shape, dtype=xhat.dtype, device=xhat.device)
+        mean, rstd = mean.unsqueeze(-1), rstd.unsqueeze(-1)  # (N, G, 1)
+        xhat = (x.reshape(x.shape[0], ctx.num_groups, -1) - mean) * rstd
+        out = torch.zeros(ctx.x_shape, dtype=x.dtype, device=x.device)
         if tx is not None:
             tg = tx.reshape(tx.shape[0], ctx.num_groups, -1)
             tg = tg - tg.mean(-1, keepdim=True)
