@@ -219,13 +219,35 @@ def describe_module(module: Any, cfg: Any | None = None) -> dict[str, Any]:
     return info
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, ema: str | None = None) -> Path:
-    """``export`` command: checkpoint (+ EMA profile) -> diffusers folder."""
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path,
+    ema: str | None = None,
+    posthoc_std: float | None = None,
+    snapshots: str | Path | None = None,
+) -> Path:
+    """``export`` command: checkpoint (+ EMA profile, or a post-hoc EMA) -> diffusers folder.
+
+    With ``posthoc_std`` the student weights are EDM2's post-hoc reconstruction of the power
+    EMA with that σ_rel from the run's snapshots (``snapshots``, default
+    ``<run>/logs/ema_snapshots``; written when ``callbacks.ema.snapshot_every_n_steps`` is set).
+    """
     ckpt = load_checkpoint(ckpt_path)
-    profile = resolve_profile(ckpt, ema, str(ckpt_path))
     module, cfg, _ = rebuild_module(ckpt)
     meta = describe_module(module, cfg)
-    meta.update(ema_profile=profile, global_step=int(ckpt.get("global_step", 0)))
+    meta.update(global_step=int(ckpt.get("global_step", 0)))
+    if posthoc_std is not None:
+        from scm_lightning.callbacks.ema import reconstruct_posthoc_ema
+
+        if not 0 < float(posthoc_std) < 0.3:
+            raise ValueError(f"posthoc_std={posthoc_std} is invalid: expected 0 < σ_rel < 0.3")
+        folder = Path(snapshots or Path(ckpt_path).parent.parent / "logs" / "ema_snapshots")
+        state = reconstruct_posthoc_ema(folder, float(posthoc_std), meta["global_step"] or None)
+        module.student.load_state_dict(state)
+        meta.update(ema_profile=f"posthoc_{float(posthoc_std)}")
+        return export_module(module, out, **meta)
+    profile = resolve_profile(ckpt, ema, str(ckpt_path))
+    meta.update(ema_profile=profile)
     with ema_swapped(module, ckpt, profile):
         return export_module(module, out, **meta)
 

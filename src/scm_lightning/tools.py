@@ -57,7 +57,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "kid_subset_size": 1000,
         "pr_k": 3,
     },
-    "export": {**COMMON, "out": REQUIRED},
+    "export": {**COMMON, "out": REQUIRED, "posthoc_std": None, "snapshots": None},
 }
 
 
@@ -529,6 +529,8 @@ def main(task: str, overrides: list[str], print_cfg: bool = False) -> int:
     else:
         from scm_lightning.export import export_checkpoint
 
-        out = export_checkpoint(str(opts["ckpt"]), str(opts["out"]), opts["ema"])
+        out = export_checkpoint(
+            str(opts["ckpt"]), str(opts["out"]), opts["ema"], opts["posthoc_std"], opts["snapshots"]
+        )
         print(f"exported to {out}", flush=True)
     return 0
