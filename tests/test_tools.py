@@ -15,6 +15,7 @@ from PIL import Image
 
 from scm_lightning import cli, tools
 from scm_lightning.config import ConfigError
+from scm_lightning.metrics import quality
 from test_export import tiny_run  # the shared tiny pretrain + fit run
 
 
@@ -48,7 +49,7 @@ def test_kid_matches_torch_fidelity_and_a_plain_double_loop() -> None:
         kernel_poly(x.numpy(), y.numpy(), degree=3, gamma=None, coef0=1),
         kernel_poly(y.numpy(), y.numpy(), degree=3, gamma=None, coef0=1),
     )
-    assert tools.mmd2_unbiased(x, y) == pytest.approx(ref, rel=1e-10)
+    assert quality.mmd2_unbiased(x, y) == pytest.approx(ref, rel=1e-10)
     # unequal sizes: the unbiased estimator written out pair by pair
     a, b = x[:5], y[:7]
 
@@ -58,11 +59,11 @@ def test_kid_matches_torch_fidelity_and_a_plain_double_loop() -> None:
     xx = sum(k(a[i], a[j]) for i, j in itertools.permutations(range(5), 2)) / 20
     yy = sum(k(b[i], b[j]) for i, j in itertools.permutations(range(7), 2)) / 42
     xy = sum(k(a[i], b[j]) for i in range(5) for j in range(7)) / 35
-    assert tools.mmd2_unbiased(a, b) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
-    mean, std = tools.kernel_inception_distance(x, y, subsets=1, subset_size=40)
+    assert quality.mmd2_unbiased(a, b) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    mean, std = quality.kernel_inception_distance(x, y, subsets=1, subset_size=40)
     assert mean == pytest.approx(ref, rel=1e-10) and std == 0.0
-    same, _ = tools.kernel_inception_distance(x, x.clone(), subsets=5, subset_size=20)
-    far, _ = tools.kernel_inception_distance(x, x + 5.0, subsets=5, subset_size=20)
+    same, _ = quality.kernel_inception_distance(x, x.clone(), subsets=5, subset_size=20)
+    far, _ = quality.kernel_inception_distance(x, x + 5.0, subsets=5, subset_size=20)
     assert abs(same) < far
 
 
@@ -73,11 +74,11 @@ def test_precision_recall_matches_torch_fidelity() -> None:
     real = torch.randn(120, 8, generator=g, dtype=torch.float64)
     gen = 1.3 * torch.randn(90, 8, generator=g, dtype=torch.float64) + 0.6
     ref = calculate_precision_recall_full(gen, real, neighborhood=3, batch_size=1000)
-    got = tools.precision_recall(gen, real, k=3)
+    got = quality.precision_recall(gen, real, k=3)
     assert got == pytest.approx(ref, abs=1e-6)  # torch-fidelity averages in float32
     assert 0 < got[0] < 1 and 0 < got[1] < 1
-    assert tools.precision_recall(real, real.clone()) == (1.0, 1.0)
-    assert tools.precision_recall(real + 100.0, real) == (0.0, 0.0)
+    assert quality.precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert quality.precision_recall(real + 100.0, real) == (0.0, 0.0)
 
 
 # --- option parsing and bad input ----------------------------------------------------------------
