@@ -213,7 +213,8 @@ def load_teacher(
 
     cls = _model_class(class_name, model_dir)
     _check_safetensors(model_dir, allow_pickle)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    # low_cpu_mem_usage needs `accelerate` (not a dependency): load plainly, without its warning
+    kwargs: dict[str, Any] = {"local_files_only": True, "low_cpu_mem_usage": False}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if torch_dtype is not None:
