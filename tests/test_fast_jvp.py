@@ -61,13 +61,32 @@ def test_fast_rules_honour_weight_tangents():
     torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-12)
 
 
-def test_mode_is_inert_with_grad_enabled():
+def test_grad_enabled_jvp_gives_the_same_primal_gradients():
+    """A JVP pass with grad on (the primal reused for the loss): same outputs and gradients."""
+    torch.manual_seed(2)
     net = _net()
-    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
-    with fast_jvp():
-        y = net(x).sum()
-    y.backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(x)
+
+    def grads(fast: bool):
+        net.zero_grad()
+        x.grad = None
+        with fast_jvp() if fast else torch.enable_grad():
+            y, ty = torch.func.jvp(net, (x,), (v,))
+        assert not fast or not ty.requires_grad  # the tangent is a stop-gradient
+        (y * torch.linspace(-1, 1, y.shape[1], dtype=y.dtype)).sum().backward()
+        return (
+            y.detach(),
+            ty.detach(),
+            [x.grad.clone()] + [p.grad.clone() for p in net.parameters()],
+        )
+
+    y0, t0, g0 = grads(False)
+    y1, t1, g1 = grads(True)
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t1, t0, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])

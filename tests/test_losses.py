@@ -227,3 +227,27 @@ def test_normalize_tangent_and_config_validation():
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SCMLossConfig(**bad)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_reusing_the_jvp_primal_equals_two_passes(fast):
+    """One grad-enabled JVP pass (primal reused as F_θ) == no-grad JVP + separate forward."""
+    student, teacher = make(), make()
+    x0 = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for reuse in (False, True):
+        student.zero_grad()
+        cfg = SCMLossConfig(reuse_primal=reuse, fast_jvp=fast)
+        out = scm_loss(student, x0, cfg, 0.6, teacher, generator=torch.Generator().manual_seed(6))
+        out.loss.backward()
+        results.append(
+            (
+                out.loss.detach(),
+                [p.grad.clone() for p in student.parameters() if p.grad is not None],
+            )
+        )
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

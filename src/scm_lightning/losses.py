@@ -34,6 +34,9 @@ class SCMLossConfig:
     prior_weighting: str = "none"  # "none" | "inv_sigma" (extra 1/(σ_d tan t); spec §3 note)
     jvp_dtype: torch.dtype | None = None  # None: inherit run precision
     fast_jvp: bool = True  # lean conv/linear/GroupNorm forward-AD rules (jvp/fast.py)
+    # One pass: the JVP's primal (with grad) is F_θ for the loss, saving the student forward.
+    # Same value and gradient as two passes; used only when the JVP runs at the run precision.
+    reuse_primal: bool = True
 
     def __post_init__(self) -> None:
         if not self.sigma_data > 0:
@@ -96,6 +99,7 @@ def rearranged_jvp(
     guidance: Tensor | None = None,
     jvp_dtype: torch.dtype | None = None,
     fast: bool = True,
+    with_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """FP16-safe JVP of F⁻ along the PF-ODE (spec §3, "JVP rearrangement", paper §5.1).
 
@@ -103,7 +107,9 @@ def rearranged_jvp(
     ``dF = cos t·sin t·dF⁻/dt`` directly, so no intermediate tangent carries the
     ``1/sin t`` or ``∂_t c_noise`` blow-up near the ends of [0, π/2].
 
-    Runs under ``torch.no_grad`` (θ⁻ is a stop-gradient); call it on the raw module, never
+    Runs under ``torch.no_grad`` (θ⁻ is a stop-gradient) unless ``with_grad``, in which case
+    ``F`` carries the autograd graph (the primal is reused as F_θ) and ``dF`` still does not
+    (with the lean rules; detach it otherwise). Call it on the raw module, never
     on a DDP/FSDP wrapper. Returns ``(F⁻, dF)`` with the shape of ``x_t``, in the JVP dtype.
     """
     wide = torch.float64 if torch.float64 in (x_t.dtype, jvp_dtype) else torch.float32
@@ -124,7 +130,8 @@ def rearranged_jvp(
     def f(x: Tensor, tt: Tensor) -> Tensor:
         return model(x, tt, class_labels, guidance)
 
-    with torch.no_grad(), precision, fast_jvp() if fast else contextlib.nullcontext():
+    grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
+    with grad_mode, precision, fast_jvp() if fast else contextlib.nullcontext():
         F_minus, dF = torch.func.jvp(f, (x_scaled, t_jvp), (tangent_x, cs))
     return F_minus, dF
 
@@ -213,10 +220,12 @@ def scm_loss(
         if has_active_dropout(student)
         else None
     )
+    reuse = cfg.reuse_primal and cfg.jvp_dtype is None and torch.is_grad_enabled()
     with same_rng(seed, x0.device):
-        F_minus, dF = rearranged_jvp(
-            student, x_t, t, dxdt, sd, class_labels, guidance, cfg.jvp_dtype, cfg.fast_jvp
+        F_out, dF = rearranged_jvp(
+            student, x_t, t, dxdt, sd, class_labels, guidance, cfg.jvp_dtype, cfg.fast_jvp, reuse
         )
+    F_minus, dF = F_out.detach(), dF.detach()
     g = scm_tangent(x_t, t, F_minus, dF, dxdt, sd, r)
     g_raw_norm = g.flatten(1).norm(dim=1)
     g, _ = normalize_tangent(g, cfg.tangent_norm_c, cfg.spatially_invariant_norm)
@@ -226,8 +235,11 @@ def scm_loss(
     g = torch.where(expand_like(finite, g), g, torch.zeros_like(g))
     F_minus = torch.where(expand_like(finite, F_minus), F_minus, torch.zeros_like(F_minus))
 
-    with same_rng(seed, x0.device):
-        F_theta = student(x_t / sd, t, class_labels, guidance)
+    if reuse:
+        F_theta = F_out  # F_θ and F⁻ are one forward: equal values, grad through F_θ only
+    else:
+        with same_rng(seed, x0.device):
+            F_theta = student(x_t / sd, t, class_labels, guidance)
     logvar = student.logvar(t).float()
     target = (F_minus.to(g.dtype) + g).detach()
     # where() (not a product) so a masked sample's inf/nan cannot leak into the gradient.

@@ -7,7 +7,7 @@ tangent of a conv is one convolution of the input tangent, and GroupNorm's tange
 closed form ``ty = γ·(t̃ − x̂·mean(x̂·t̃))·rstd`` with ``t̃ = tx − mean(tx)`` per group.
 
 :func:`fast_jvp` intercepts ``F.conv2d``, ``F.linear`` and ``F.group_norm`` calls of *any*
-model (diffusers or ours, no architecture change) while grad mode is off, and routes them to
+model (diffusers or ours, no architecture change) and routes them to
 autograd Functions carrying these rules. Weight/bias tangents, if a caller supplies them,
 are still honoured, so the rules are exact in general. Tested against ``torch.func.jvp``.
 """
@@ -45,17 +45,42 @@ class _Conv2d(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         x, w, _, *conv_args = inputs
         ctx.conv_args = conv_args
+        ctx.has_bias = inputs[2] is not None
         ctx.set_materialize_grads(False)  # absent weight tangents arrive as None, not zeros
         ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w)
 
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, *_: Any) -> Tensor:
         x, w = ctx.saved_tensors
-        out = F.conv2d(tx, w, None, *ctx.conv_args) if tx is not None else None
-        if tw is not None or tb is not None:  # only when weights carry tangents (not in sCM)
-            extra = F.conv2d(x, tw if tw is not None else torch.zeros_like(w), tb, *ctx.conv_args)
-            out = extra if out is None else out + extra
+        with torch.no_grad():  # the tangent is a stop-gradient in sCM: never record it
+            out = F.conv2d(tx, w, None, *ctx.conv_args) if tx is not None else None
+            if tw is not None or tb is not None:  # only when weights carry tangents (not sCM)
+                zw = tw if tw is not None else torch.zeros_like(w)
+                extra = F.conv2d(x, zw, tb, *ctx.conv_args)
+                out = extra if out is None else out + extra
         return out
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None) -> tuple:
+        x, w = ctx.saved_tensors
+        if gy is None:
+            return (None,) * (3 + len(ctx.conv_args))
+        stride, padding, dilation, groups = ctx.conv_args
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy,
+            x,
+            w,
+            [w.shape[0]] if ctx.has_bias else None,
+            _pair(stride),
+            _pair(padding),
+            _pair(dilation),
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias],
+        )
+        return gx, gw, gb if ctx.has_bias else None, None, None, None, None
 
 
 class _Linear(torch.autograd.Function):
@@ -66,18 +91,32 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, w, _ = inputs
+        x, w, b = inputs
+        ctx.has_bias = b is not None
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w)
 
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None) -> Tensor:
         x, w = ctx.saved_tensors
-        out = F.linear(tx, w) if tx is not None else None
-        if tw is not None or tb is not None:
-            extra = F.linear(x, tw if tw is not None else torch.zeros_like(w), tb)
-            out = extra if out is None else out + extra
+        with torch.no_grad():
+            out = F.linear(tx, w) if tx is not None else None
+            if tw is not None or tb is not None:
+                extra = F.linear(x, tw if tw is not None else torch.zeros_like(w), tb)
+                out = extra if out is None else out + extra
         return out
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None) -> tuple:
+        x, w = ctx.saved_tensors
+        if gy is None:
+            return None, None, None
+        gx = gy @ w if ctx.needs_input_grad[0] else None
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        gw = g2.T @ x2 if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias else None
+        return gx, gw, gb
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -98,13 +137,20 @@ class _GroupNorm(torch.autograd.Function):
         _, mean, rstd = output
         ctx.num_groups = num_groups
         ctx.x_shape = x.shape
+        ctx.has_bias = inputs[3] is not None
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_forward(x, mean, rstd, w)
+        ctx.save_for_backward(x, mean, rstd, w)
 
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, _g: Any, tw: Tensor | None, tb: Tensor | None, _e: Any):
         x, mean, rstd, w = ctx.saved_tensors
+        with torch.no_grad():
+            return _GroupNorm._tangent(ctx, x, mean, rstd, w, tx, tw, tb), None, None
+
+    @staticmethod
+    def _tangent(ctx: Any, x: Tensor, mean: Tensor, rstd: Tensor, w: Tensor | None, tx, tw, tb):
         shape = (1, -1) + (1,) * (len(ctx.x_shape) - 2)
         mean, rstd = mean.unsqueeze(-1), rstd.unsqueeze(-1)  # (N, G, 1)
         xhat = (x.reshape(x.shape[0], ctx.num_groups, -1) - mean) * rstd
@@ -120,7 +166,27 @@ class _GroupNorm(torch.autograd.Function):
             out = out + xhat.reshape(ctx.x_shape) * tw.view(shape)
         if tb is not None:
             out = out + tb.view(shape)
-        return out, None, None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, _gm: Any, _gr: Any) -> tuple:
+        x, mean, rstd, w = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None, None
+        n, c = x.shape[0], x.shape[1]
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy.contiguous(),
+            x,
+            mean,
+            rstd,
+            w,
+            n,
+            c,
+            x[0, 0].numel(),
+            ctx.num_groups,
+            [ctx.needs_input_grad[0], w is not None and ctx.needs_input_grad[2], ctx.has_bias],
+        )
+        return gx, None, gw, gb if ctx.has_bias else None, None
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
@@ -130,7 +196,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
 
 
 class FastJVPMode(TorchFunctionMode):
-    """Routes conv2d / linear / group_norm to lean forward-AD rules while grad mode is off."""
+    """Routes conv2d / linear / group_norm to lean forward-AD rules (with exact backward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,8 +204,8 @@ class FastJVPMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._inside or torch.is_grad_enabled() or func not in _RULES:
-            return func(*args, **kwargs)
+        if self._inside or func not in _RULES or _autocast_on():
+            return func(*args, **kwargs)  # under autocast the generic rules handle the casts
         self._inside = True
         try:
             return _RULES[func](args, kwargs)
@@ -147,8 +213,18 @@ class FastJVPMode(TorchFunctionMode):
             self._inside = False
 
 
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
 def _conv2d(args: tuple, kwargs: dict) -> Tensor:
     x, w = args[0], _arg(args, kwargs, 1, "weight", None)
+    if isinstance(_arg(args, kwargs, 4, "padding", 0), str):  # "same"/"valid": generic rule
+        return F.conv2d(*args, **kwargs)
     conv_args = (
         _arg(args, kwargs, 3, "stride", 1),
         _arg(args, kwargs, 4, "padding", 0),
