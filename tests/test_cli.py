@@ -92,3 +92,13 @@ def test_tangent_warmup_is_exact_across_resume(tmp_path: Path, tiny_teacher: Pat
     ckpt = next((tmp_path / "b" / "checkpoints").glob("step*.ckpt"))
     run(_cfg(tmp_path / "b", tiny_teacher, f"ckpt_path={ckpt}"))
     assert recorders[-2].r + recorders[-1].r == straight
+
+
+def test_paper_cifar10_experiment_composes_with_the_paper_values(tmp_path: Path):
+    cfg = compose_config(
+        "fit", ["experiment=cifar10_scd", f"data.root={tmp_path}", f"teacher.path={tmp_path}"]
+    )
+    assert (cfg.loss.p_mean, cfg.loss.p_std, cfg.loss.tangent_norm_c) == (-1.0, 1.4, 0.1)
+    assert cfg.loss.warmup_steps == 10_000 and cfg.optim.lr == 1e-4
+    assert list(cfg.optim.betas) == [0.9, 0.99] and cfg.data.batch_size == 512
+    assert cfg.callbacks.ema.validate_with == "halflife_500k"
