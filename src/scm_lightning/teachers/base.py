@@ -8,11 +8,13 @@ trainable deep copy of the teacher's adapter, so ``student ≡ teacher`` at init
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor, nn
 
 
-class TrigFlowModel(nn.Module):
+class TrigFlowModel(nn.Module, abc.ABC):
     """Base class: ``forward(x_scaled, t, class_labels, guidance) -> F``.
 
     Args (of ``forward``):
@@ -32,6 +34,7 @@ class TrigFlowModel(nn.Module):
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.sigma_data = float(sigma_data)
 
+    @abc.abstractmethod
     def forward(
         self,
         x_scaled: Tensor,
@@ -39,12 +42,13 @@ class TrigFlowModel(nn.Module):
         class_labels: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        raise NotImplementedError
+        """``F(x_t/σ_d, t)`` in TrigFlow units, shape of ``x_scaled``."""
 
     # Properties the framework checks against the data before the first step.
     @property
+    @abc.abstractmethod
     def in_channels(self) -> int:
-        raise NotImplementedError
+        """Image channels the network takes."""
 
     @property
     def sample_size(self) -> int | None:
