@@ -9,6 +9,7 @@ work starts.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from typing import Any
@@ -51,7 +52,7 @@ def stable_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(L.LightningDataModule, abc.ABC):
     """Base class. Subclasses set ``channels``, ``resolution``, ``num_classes`` in ``__init__``
     and implement :meth:`base_dataset` (items ``(image (C, H, W) float32, label int64 ())``)
     and :meth:`config_fields`.
@@ -92,13 +93,13 @@ class ImageDataModule(L.LightningDataModule):
         self.flip = bool(flip)
 
     # --- what subclasses provide -------------------------------------------------------
+    @abc.abstractmethod
     def base_dataset(self) -> Dataset:
         """The unaugmented training images as a map-style dataset."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def config_fields(self) -> dict[str, Any]:
         """Everything that determines the images and labels (not loader settings)."""
-        raise NotImplementedError
 
     # --- shared behaviour ---------------------------------------------------------------
     def config_key(self) -> str:
