@@ -7,8 +7,9 @@ checkpoint contents.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -193,6 +194,16 @@ class _TrigFlowModule(L.LightningModule):
                     self.bad_steps_in_a_row, self.max_bad_steps, self.global_step, trainer
                 )
             )
+
+    @contextlib.contextmanager
+    def student_in_eval(self) -> Iterator[None]:
+        """Sample with the student in eval mode and put its previous mode back afterwards."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            yield
+        finally:
+            self.student.train(was_training)
 
     @torch.no_grad()
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
@@ -380,9 +391,7 @@ class DistillationModule(_TrigFlowModule):
         g = None
         if guidance is not None:
             g = torch.full((num_samples,), float(guidance), device=self.device)
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with self.student_in_eval():
             return sampling.consistency_sample(
                 self.student,
                 self.noise(num_samples, generator),
@@ -392,8 +401,6 @@ class DistillationModule(_TrigFlowModule):
                 guidance=g,
                 generator=generator,
             )
-        finally:
-            self.student.train(was_training)
 
     @torch.no_grad()
     def teacher_sample(
@@ -492,10 +499,8 @@ class DiffusionModule(_TrigFlowModule):
         class_labels: Tensor | None = None,
         **_: Any,
     ) -> Tensor:
-        """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else Euler)."""
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else DDIM)."""
+        with self.student_in_eval():
             return sampling.teacher_sample(
                 self.student,
                 self.noise(num_samples, generator),
@@ -503,8 +508,6 @@ class DiffusionModule(_TrigFlowModule):
                 nfe,
                 class_labels,
             )
-        finally:
-            self.student.train(was_training)
 
 
 def inverse_sqrt_lr(t_ref: int) -> Callable[[int], float]:
