@@ -21,8 +21,8 @@ import torch
 
 from scm_lightning.jvp.install import install_jvp_attention
 from scm_lightning.losses import SCMLossConfig, diffusion_loss, scm_loss
-from scm_lightning.nets.student import Student
 from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+from scm_lightning.student import Student
 from scm_lightning.teachers.trigflow import TrigFlowNative
 
 CONFIGS = {

@@ -32,7 +32,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# --- a tiny real run, built once per session (also used by test_tools.py) ------------------
+# --- a tiny real run, built once per session (also used by test_commands.py) ------------------
 def tiny_run(base: Path) -> dict[str, Path]:
     """`pretrain` 2 steps (exporting the teacher folder), then `fit` 2 steps from it."""
     paths = {
@@ -232,11 +232,13 @@ def test_export_round_trip_matches_sample(run_paths: dict[str, Path], tmp_path: 
     """`export` -> SCMPipeline.from_pretrained gives the same images as the checkpoint's EMA
     student sampled as `sample` does (same seed, NFE 1 and 2), and the folder holds the EMA
     weights, not the online ones."""
-    from scm_lightning import tools
-    from scm_lightning.export import ema_swapped, load_checkpoint, rebuild_module, resolve_profile
+    from scm_lightning import commands
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
+    from scm_lightning.restore import rebuild_module
 
     out = tmp_path / "export"
-    assert tools.main("export", [f"ckpt={run_paths['fit_ckpt']}", f"out={out}"]) == 0
+    assert commands.main("export", [f"ckpt={run_paths['fit_ckpt']}", f"out={out}"]) == 0
     desc = json.loads((out / "adapter.json").read_text())
     assert desc["kind"] == "trigflow" and desc["model"] == "consistency"
     assert desc["ema_profile"] == "power_0.05" and desc["global_step"] == 2
@@ -270,7 +272,9 @@ def test_export_round_trip_matches_sample(run_paths: dict[str, Path], tmp_path: 
 
 def test_pretrain_export_is_a_loadable_teacher(run_paths: dict[str, Path]) -> None:
     """The folder written after `pretrain` loads with load_teacher and is the EMA network."""
-    from scm_lightning.export import ema_swapped, load_checkpoint, rebuild_module
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped
+    from scm_lightning.restore import rebuild_module
     from scm_lightning.teachers.loading import load_teacher
 
     teacher = load_teacher(run_paths["teacher"])
@@ -291,12 +295,9 @@ def test_export_trained_network_swaps_back(run_paths: dict[str, Path], tmp_path:
     from safetensors.torch import load_file
 
     from scm_lightning.callbacks.ema import EMA
-    from scm_lightning.export import (
-        ema_state,
-        export_trained_network,
-        load_checkpoint,
-        rebuild_module,
-    )
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_state, export_trained_network
+    from scm_lightning.restore import rebuild_module
 
     ckpt = load_checkpoint(run_paths["pretrain_ckpt"])
     module, _, _ = rebuild_module(ckpt)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from scm_lightning.losses import SCMLossConfig, rearranged_jvp, scm_loss
-from scm_lightning.nets.student import Student
 from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+from scm_lightning.student import Student
 from scm_lightning.teachers.trigflow import TrigFlowNative
 
 

@@ -10,8 +10,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scm_lightning.nets.student import Student
 from scm_lightning.nets.weighting import LogVarHead
+from scm_lightning.student import Student
 from scm_lightning.teachers import (
     EDMAdapter,
     FlowSchedule,

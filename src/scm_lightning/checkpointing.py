@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import secrets
+import zipfile
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -116,6 +117,45 @@ def load_checkpoint_file(
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict of an scm_lightning run; raises FileNotFoundError / ValueError."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{str(path)!r} is a directory, expected a Lightning .ckpt file"
+            " (exported folders are accepted by `sample` only)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe:
+            raise ValueError(
+                f"{str(path)!r} holds pickled objects ({unsafe.group(1)}) that "
+                "torch.load(weights_only=True) refuses; arbitrary pickles are never loaded"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint readable by torch.load(weights_only=True) "
+            f"({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+    if not isinstance(ckpt.get("scm_config"), dict):
+        raise ValueError(
+            f"{str(path)!r} was not written by scm_lightning `fit`/`pretrain` (no 'scm_config')"
+        )
+    if ckpt["scm_config"].get("task") not in ("fit", "pretrain"):
+        raise ValueError(f"{str(path)!r}: unknown task {ckpt['scm_config'].get('task')!r}")
+    return ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

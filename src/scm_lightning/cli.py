@@ -57,9 +57,9 @@ def _run_training(task: str, overrides: list[str], print_cfg: bool) -> int:
 
 
 def _run_tool(task: str, overrides: list[str], print_cfg: bool) -> int:
-    from scm_lightning import tools
+    from scm_lightning import commands
 
-    return tools.main(task, overrides, print_cfg)
+    return commands.main(task, overrides, print_cfg)
 
 
 COMMANDS: dict[str, Callable[[str, list[str], bool], int]] = {

@@ -1,10 +1,9 @@
-"""Checkpoints -> modules, EMA profiles swapped in, and diffusers export (spec §5).
+"""EMA profiles swapped in, and diffusers export (spec §5).
 
-* :func:`load_checkpoint` reads a Lightning ``.ckpt`` with ``torch.load(weights_only=True)``
-  only (a pickle that needs arbitrary code is refused) and checks it was written by
-  scm_lightning (``scm_config`` inside).
-* :func:`rebuild_module` rebuilds the Distillation/Diffusion module from the resolved run
-  config in the checkpoint and loads the weights (the frozen teacher comes from its source).
+Reading checkpoints is :func:`scm_lightning.checkpointing.load_checkpoint`; rebuilding their
+module is :func:`scm_lightning.restore.rebuild_module` (above the training builders); the
+``export`` command is :func:`scm_lightning.commands.export_checkpoint`.
+
 * :func:`ema_swapped` swaps a stored EMA profile into the student (and back on exit).
 * :func:`export_module` writes the folder described in :mod:`scm_lightning.pipeline`:
   ``unet/`` (the raw network's ``save_pretrained``), ``scheduler/`` (``SCMScheduler``,
@@ -14,15 +13,11 @@
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from scm_lightning.config import ConfigError
@@ -30,65 +25,6 @@ from scm_lightning.pipeline import SCMPipeline
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
 
 ONLINE = ("online", "none", "raw")  # ema=<one of these>: the raw (non-averaged) weights
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of an scm_lightning run; raises FileNotFoundError / ValueError."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a directory, expected a Lightning .ckpt file"
-            " (exported folders are accepted by `sample` only)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if unsafe:
-            raise ValueError(
-                f"{str(path)!r} holds pickled objects ({unsafe.group(1)}) that "
-                "torch.load(weights_only=True) refuses; arbitrary pickles are never loaded"
-            ) from None
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a checkpoint readable by torch.load(weights_only=True) "
-            f"({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({first[:160]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
-    if not isinstance(ckpt.get("scm_config"), dict):
-        raise ValueError(
-            f"{str(path)!r} was not written by scm_lightning `fit`/`pretrain` (no 'scm_config')"
-        )
-    if ckpt["scm_config"].get("task") not in ("fit", "pretrain"):
-        raise ValueError(f"{str(path)!r}: unknown task {ckpt['scm_config'].get('task')!r}")
-    return ckpt
-
-
-def rebuild_module(ckpt: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode."""
-    from omegaconf import OmegaConf
-
-    from scm_lightning import training
-    from scm_lightning.config import register_resolvers
-
-    register_resolvers()
-    cfg = OmegaConf.create(ckpt["scm_config"])
-    dm = training.build_datamodule(cfg)
-    if cfg.task == "fit":
-        module = training.build_distillation(cfg, dm)
-    else:
-        module = training.build_diffusion(cfg, dm)
-    module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
-    module.load_state_dict(ckpt["state_dict"])
-    module.run_config = ckpt["scm_config"]
-    return module.eval(), cfg, dm
 
 
 def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -147,7 +83,7 @@ def ema_swapped(
 
 def network_adapter(module: nn.Module) -> TrigFlowModel:
     """The trained TrigFlow adapter: ``student.net`` of a Student, else the model itself."""
-    from scm_lightning.nets.student import Student
+    from scm_lightning.student import Student
 
     student = module.student
     return student.net if isinstance(student, Student) else student
@@ -217,39 +153,6 @@ def describe_module(module: Any, cfg: Any | None = None) -> dict[str, Any]:
     if cfg is not None:
         info["task"] = str(cfg.task)
     return info
-
-
-def export_checkpoint(
-    ckpt_path: str | Path,
-    out: str | Path,
-    ema: str | None = None,
-    posthoc_std: float | None = None,
-    snapshots: str | Path | None = None,
-) -> Path:
-    """``export`` command: checkpoint (+ EMA profile, or a post-hoc EMA) -> diffusers folder.
-
-    With ``posthoc_std`` the student weights are EDM2's post-hoc reconstruction of the power
-    EMA with that σ_rel from the run's snapshots (``snapshots``, default
-    ``<run>/logs/ema_snapshots``; written when ``callbacks.ema.snapshot_every_n_steps`` is set).
-    """
-    ckpt = load_checkpoint(ckpt_path)
-    module, cfg, _ = rebuild_module(ckpt)
-    meta = describe_module(module, cfg)
-    meta.update(global_step=int(ckpt.get("global_step", 0)))
-    if posthoc_std is not None:
-        from scm_lightning.callbacks.ema import reconstruct_posthoc_ema
-
-        if not 0 < float(posthoc_std) < 0.3:
-            raise ValueError(f"posthoc_std={posthoc_std} is invalid: expected 0 < σ_rel < 0.3")
-        folder = Path(snapshots or Path(ckpt_path).parent.parent / "logs" / "ema_snapshots")
-        state = reconstruct_posthoc_ema(folder, float(posthoc_std), meta["global_step"] or None)
-        module.student.load_state_dict(state)
-        meta.update(ema_profile=f"posthoc_{float(posthoc_std)}")
-        return export_module(module, out, **meta)
-    profile = resolve_profile(ckpt, ema, str(ckpt_path))
-    meta.update(ema_profile=profile)
-    with ema_swapped(module, ckpt, profile):
-        return export_module(module, out, **meta)
 
 
 def export_trained_network(trainer: Any, module: Any, export_dir: str | Path) -> Path:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from scm_lightning import sampling
 from scm_lightning.losses import SCMLossConfig, diffusion_loss, scm_loss
-from scm_lightning.nets.student import Student
 from scm_lightning.nets.weighting import LogVarHead
+from scm_lightning.student import Student
 from scm_lightning.teachers.base import TrigFlowModel
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]

@@ -20,7 +20,6 @@ import copy
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel, as_time_batch, time_dtype
@@ -97,21 +96,3 @@ def prepare_trigflow_model(teacher: TrigFlowModel, **overrides: Any) -> Prepared
         kwargs["time_scale"] = float(span) / (math.pi / 2)
     kwargs.update(overrides)
     return PreparedTrigFlow(net, teacher.sigma_data, **kwargs)
-
-
-def load_prepared_teacher(ckpt_path: str, ema: str | None = None) -> PreparedTrigFlow:
-    """The prepared teacher from a ``pretrain prepare_from=...`` checkpoint (EMA weights).
-
-    Use as ``teacher._target_=scm_lightning.teachers.preparation.load_prepared_teacher
-    teacher.ckpt_path=...`` to distill it.
-    """
-    from scm_lightning.export import ema_swapped, load_checkpoint, rebuild_module, resolve_profile
-
-    ckpt = load_checkpoint(ckpt_path)
-    module, _, _ = rebuild_module(ckpt)
-    if not isinstance(module.student, PreparedTrigFlow):
-        raise ValueError(f"{ckpt_path} is not a teacher-preparation checkpoint (prepare_from)")
-    profile = resolve_profile(ckpt, ema)
-    with ema_swapped(module, ckpt, profile), torch.no_grad():
-        prepared = copy.deepcopy(module.student)
-    return prepared.requires_grad_(False).eval()

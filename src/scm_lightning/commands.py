@@ -206,12 +206,9 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
     if ckpt_path.is_dir():
         images, labels, info = _sample_folder(ckpt_path, opts, nfe, num, batch, seed, device)
     else:
-        from scm_lightning.export import (
-            ema_swapped,
-            load_checkpoint,
-            rebuild_module,
-            resolve_profile,
-        )
+        from scm_lightning.checkpointing import load_checkpoint
+        from scm_lightning.export import ema_swapped, resolve_profile
+        from scm_lightning.restore import rebuild_module
 
         ckpt = load_checkpoint(ckpt_path)
         profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
@@ -338,8 +335,10 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    from scm_lightning.export import ema_swapped, load_checkpoint, rebuild_module, resolve_profile
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
     from scm_lightning.modules import DistillationModule
+    from scm_lightning.restore import rebuild_module
 
     ckpt_path = Path(str(opts["ckpt"]))
     ckpt = load_checkpoint(ckpt_path)
@@ -454,6 +453,43 @@ def _pf_ode_name(nfe: int) -> str:
     return "heun" if nfe % 2 == 1 else "ddim"
 
 
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out: str | Path,
+    ema: str | None = None,
+    posthoc_std: float | None = None,
+    snapshots: str | Path | None = None,
+) -> Path:
+    """``export`` command: checkpoint (+ EMA profile, or a post-hoc EMA) -> diffusers folder.
+
+    With ``posthoc_std`` the student weights are EDM2's post-hoc reconstruction of the power
+    EMA with that σ_rel from the run's snapshots (``snapshots``, default
+    ``<run>/logs/ema_snapshots``; written when ``callbacks.ema.snapshot_every_n_steps`` is set).
+    """
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import describe_module, ema_swapped, export_module, resolve_profile
+    from scm_lightning.restore import rebuild_module
+
+    ckpt = load_checkpoint(ckpt_path)
+    module, cfg, _ = rebuild_module(ckpt)
+    meta = describe_module(module, cfg)
+    meta.update(global_step=int(ckpt.get("global_step", 0)))
+    if posthoc_std is not None:
+        from scm_lightning.callbacks.ema import reconstruct_posthoc_ema
+
+        if not 0 < float(posthoc_std) < 0.3:
+            raise ValueError(f"posthoc_std={posthoc_std} is invalid: expected 0 < σ_rel < 0.3")
+        folder = Path(snapshots or Path(ckpt_path).parent.parent / "logs" / "ema_snapshots")
+        state = reconstruct_posthoc_ema(folder, float(posthoc_std), meta["global_step"] or None)
+        module.student.load_state_dict(state)
+        meta.update(ema_profile=f"posthoc_{float(posthoc_std)}")
+        return export_module(module, out, **meta)
+    profile = resolve_profile(ckpt, ema, str(ckpt_path))
+    meta.update(ema_profile=profile)
+    with ema_swapped(module, ckpt, profile):
+        return export_module(module, out, **meta)
+
+
 def main(task: str, overrides: list[str], print_cfg: bool = False) -> int:
     """Entry point from ``cli``: parse, run, return the exit code (errors are raised)."""
     if task not in SCHEMAS:
@@ -467,8 +503,6 @@ def main(task: str, overrides: list[str], print_cfg: bool = False) -> int:
     elif task == "evaluate":
         evaluate_command(opts)
     else:
-        from scm_lightning.export import export_checkpoint
-
         out = export_checkpoint(
             str(opts["ckpt"]), str(opts["out"]), opts["ema"], opts["posthoc_std"], opts["snapshots"]
         )

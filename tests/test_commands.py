@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from scm_lightning import cli, tools
+from scm_lightning import cli, commands
 from scm_lightning.config import ConfigError
 from scm_lightning.metrics import quality
 from test_export import tiny_run  # the shared tiny pretrain + fit run
@@ -84,12 +84,12 @@ def test_precision_recall_matches_torch_fidelity() -> None:
 # --- option parsing and bad input ----------------------------------------------------------------
 def test_unknown_and_missing_keys() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'nfes'.*allowed keys: \[.*'nfe'"):
-        tools.parse_options("sample", ["ckpt=a", "out=b", "nfes=2"])
+        commands.parse_options("sample", ["ckpt=a", "out=b", "nfes=2"])
     with pytest.raises(ConfigError, match="missing required out="):
-        tools.parse_options("export", ["ckpt=a"])
+        commands.parse_options("export", ["ckpt=a"])
     with pytest.raises(ConfigError, match="expected key=value, got 'ckpt'"):
-        tools.parse_options("sample", ["ckpt"])
-    opts = tools.parse_options("sample", ["ckpt=a", "out=b", "times=[1.56,1.1]", "labels=3"])
+        commands.parse_options("sample", ["ckpt"])
+    opts = commands.parse_options("sample", ["ckpt=a", "out=b", "times=[1.56,1.1]", "labels=3"])
     assert opts["times"] == [1.56, 1.1] and opts["labels"] == 3 and opts["num"] == 64
 
 
@@ -165,7 +165,7 @@ def test_bad_options_on_a_real_checkpoint(
 def test_sample_writes_png_and_npz(run_paths: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "s"
     args = [f"ckpt={run_paths['fit_ckpt']}", f"out={out}", "nfe=2", "num=6", "seed=3"]
-    assert tools.main("sample", [*args, "batch_size=4"]) == 0
+    assert commands.main("sample", [*args, "batch_size=4"]) == 0
     data = np.load(out / "samples_nfe2_seed3.npz")
     assert data["samples"].shape == (6, 8, 8, 1) and data["samples"].dtype == np.uint8
     assert data["labels"].tolist() == [-1] * 6  # unconditional
@@ -173,16 +173,19 @@ def test_sample_writes_png_and_npz(run_paths: dict[str, Path], tmp_path: Path) -
     assert grid.size == ((3 * 9 + 1) * 4, (2 * 9 + 1) * 4)  # 3 per row, 1 px pad, scale 4
     # The same seed from the exported folder: the same uint8 images (batched the same way).
     folder = tmp_path / "exported"
-    assert tools.main("export", [f"ckpt={run_paths['fit_ckpt']}", f"out={folder}"]) == 0
+    assert commands.main("export", [f"ckpt={run_paths['fit_ckpt']}", f"out={folder}"]) == 0
     assert (
-        tools.main("sample", [f"ckpt={folder}", f"out={tmp_path / 'f'}", *args[2:], "batch_size=4"])
+        commands.main(
+            "sample", [f"ckpt={folder}", f"out={tmp_path / 'f'}", *args[2:], "batch_size=4"]
+        )
         == 0
     )
     again = np.load(tmp_path / "f" / "samples_nfe2_seed3.npz")
     np.testing.assert_array_equal(again["samples"], data["samples"])
     # explicit times and the raw (non-EMA) weights
     assert (
-        tools.main("sample", [*args[:2], "num=6", "seed=3", "times=[1.5,1.0]", "ema=online"]) == 0
+        commands.main("sample", [*args[:2], "num=6", "seed=3", "times=[1.5,1.0]", "ema=online"])
+        == 0
     )
     raw = np.load(out / "samples_nfe2_seed3.npz")
     assert raw["samples"].shape == (6, 8, 8, 1)
@@ -200,7 +203,7 @@ def test_evaluate_writes_json_and_history_plot(run_paths: dict[str, Path], tmp_p
         "kid_subsets=4",
         "kid_subset_size=16",
     ]
-    assert tools.main("evaluate", args) == 0
+    assert commands.main("evaluate", args) == 0
     result = json.loads((out / "evaluation.json").read_text())
     rows = {(r["model"], r["nfe"]): r for r in result["results"]}
     assert set(rows) == {("student", 1), ("student", 2), ("teacher", 3), ("teacher", 2)}
@@ -211,10 +214,11 @@ def test_evaluate_writes_json_and_history_plot(run_paths: dict[str, Path], tmp_p
     assert result["ema_profile"] == "power_0.05" and result["reference_images"] == 24
     # FD agrees with the framework's own Fréchet code on the same features (checked by
     # recomputing the teacher's 3-NFE FD through evaluation.sampled_stats)
+    from scm_lightning.checkpointing import load_checkpoint
     from scm_lightning.evaluation import reference_stats, sampled_stats
-    from scm_lightning.export import load_checkpoint, rebuild_module
     from scm_lightning.metrics.features import build_feature_extractor
     from scm_lightning.metrics.frechet import frechet_distance_from_stats
+    from scm_lightning.restore import rebuild_module
 
     module, _, dm = rebuild_module(load_checkpoint(run_paths["fit_ckpt"]))
     net = build_feature_extractor("digits")
