@@ -21,6 +21,7 @@ from scm_lightning.checkpointing import (
     check_resume_state,
     has_own_checkpoint_io,
     last_good_checkpoint,
+    load_checkpoint,
     load_checkpoint_file,
 )
 from scm_lightning.config import ConfigError
@@ -115,6 +116,64 @@ def test_loads_are_weights_only(tmp_path: Path) -> None:
         load_checkpoint_file(tmp_path / "nope.ckpt")
     with pytest.raises(IsADirectoryError):
         load_checkpoint_file(tmp_path)
+
+
+def test_one_loading_path_one_message_per_bad_file(tmp_path: Path) -> None:
+    """Commands (load_checkpoint), the Trainer's IO and the resume check fail alike."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "obj": argparse.Namespace(a=1)}, unsafe)
+    truncated = tmp_path / "cut.ckpt"
+    atomic_save({"state_dict": {"w": torch.ones(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:700])
+    cfg = OmegaConf.create({"task": "fit"})
+    for path in (text, unsafe, truncated, tmp_path / "nope.ckpt", tmp_path):
+        messages = set()
+        for load in (
+            load_checkpoint,
+            load_checkpoint_file,
+            AtomicCheckpointIO().load_checkpoint,
+            lambda p: check_resume_config(cfg, p),
+        ):
+            with pytest.raises((ValueError, OSError)) as info:
+                load(path)
+            messages.add(str(info.value).split(" (")[0])  # (torch's own detail varies)
+        assert len(messages) == 1, messages
+        (message,) = messages
+        assert message.startswith(f"checkpoint {str(path)!r} ") and "\n" not in message
+        assert str(info.value).count("\n") == 0
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    with pytest.raises(ValueError, match=r"foreign\.ckpt' was not written by scm_lightning"):
+        load_checkpoint(foreign)
+
+
+def test_fsspec_paths_round_trip_through_the_checkpoint_io(tmp_path: Path, monkeypatch) -> None:
+    """A remote (fsspec) path is written by Lightning's _atomic_save into that file system."""
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # a path misread as local would appear here
+    memory = fsspec.filesystem("memory")
+    url = "memory://scm-test-ckpt/checkpoints/last.ckpt"
+    ckpt = {"state_dict": {"w": torch.arange(4.0)}, "scm_config": {"task": "fit"}}
+    try:
+        AtomicCheckpointIO().save_checkpoint(ckpt, url)
+        assert memory.isfile("/scm-test-ckpt/checkpoints/last.ckpt")
+        assert list(tmp_path.iterdir()) == []
+        for load in (AtomicCheckpointIO().load_checkpoint, load_checkpoint):
+            loaded = load(url)
+            assert loaded["scm_config"] == {"task": "fit"}
+            torch.testing.assert_close(loaded["state_dict"]["w"], torch.arange(4.0))
+        atomic_save({"version": 2}, url)
+        assert load_checkpoint_file(url) == {"version": 2}
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_checkpoint_file("memory://scm-test-ckpt/nope.ckpt")
+        AtomicCheckpointIO().remove_checkpoint(url)
+        assert not memory.exists("/scm-test-ckpt/checkpoints/last.ckpt")
+    finally:
+        if memory.exists("/scm-test-ckpt"):
+            memory.rm("/scm-test-ckpt", recursive=True)
 
 
 def test_no_unsafe_loads_in_the_package() -> None:

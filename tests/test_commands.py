@@ -38,47 +38,45 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 
 # --- metrics -----------------------------------------------------------------------------------
-def test_kid_matches_torch_fidelity_and_a_plain_double_loop() -> None:
-    from torch_fidelity.metric_kid import kernel_poly, mmd2
-
+def test_kid_is_the_unbiased_mmd_of_the_cubic_kernel() -> None:
+    """torch-fidelity's KID against the unbiased MMD² written out pair by pair."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g)
-    y = y.double() + 0.3
-    ref = mmd2(
-        kernel_poly(x.numpy(), x.numpy(), degree=3, gamma=None, coef0=1),
-        kernel_poly(x.numpy(), y.numpy(), degree=3, gamma=None, coef0=1),
-        kernel_poly(y.numpy(), y.numpy(), degree=3, gamma=None, coef0=1),
-    )
-    assert quality.mmd2_unbiased(x, y) == pytest.approx(ref, rel=1e-10)
-    # unequal sizes: the unbiased estimator written out pair by pair
-    a, b = x[:5], y[:7]
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 4, generator=g, dtype=torch.float64) + 0.3
 
     def k(u, v):
-        return (float(u @ v) / 6 + 1) ** 3
+        return (float(u @ v) / 4 + 1) ** 3
 
-    xx = sum(k(a[i], a[j]) for i, j in itertools.permutations(range(5), 2)) / 20
-    yy = sum(k(b[i], b[j]) for i, j in itertools.permutations(range(7), 2)) / 42
-    xy = sum(k(a[i], b[j]) for i in range(5) for j in range(7)) / 35
-    assert quality.mmd2_unbiased(a, b) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
-    mean, std = quality.kernel_inception_distance(x, y, subsets=1, subset_size=40)
-    assert mean == pytest.approx(ref, rel=1e-10) and std == 0.0
-    same, _ = quality.kernel_inception_distance(x, x.clone(), subsets=5, subset_size=20)
-    far, _ = quality.kernel_inception_distance(x, x + 5.0, subsets=5, subset_size=20)
+    pairs = list(itertools.permutations(range(6), 2))
+    xx = sum(k(x[i], x[j]) for i, j in pairs) / len(pairs)
+    yy = sum(k(y[i], y[j]) for i, j in pairs) / len(pairs)
+    xy = sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36
+    # one subset of all 6 points: a permutation, and MMD² does not depend on the order
+    mean, std = quality.kernel_inception_distance(x, y, subsets=1, subset_size=6)
+    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0.0
+    # the subset size is capped by the smaller set; a fixed seed gives the same subsets
+    a = quality.kernel_inception_distance(x, y[:5], subsets=4, subset_size=100, seed=3)
+    assert a == quality.kernel_inception_distance(x, y[:5], subsets=4, subset_size=100, seed=3)
+    same, _ = quality.kernel_inception_distance(x, x.clone(), subsets=5, subset_size=6)
+    far, _ = quality.kernel_inception_distance(x, x + 5.0, subsets=5, subset_size=6)
     assert abs(same) < far
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        quality.kernel_inception_distance(x[:1], y)
 
 
-def test_precision_recall_matches_torch_fidelity() -> None:
-    from torch_fidelity.metric_prc import calculate_precision_recall_full
-
-    g = torch.Generator().manual_seed(1)
-    real = torch.randn(120, 8, generator=g, dtype=torch.float64)
-    gen = 1.3 * torch.randn(90, 8, generator=g, dtype=torch.float64) + 0.6
-    ref = calculate_precision_recall_full(gen, real, neighborhood=3, batch_size=1000)
-    got = quality.precision_recall(gen, real, k=3)
-    assert got == pytest.approx(ref, abs=1e-6)  # torch-fidelity averages in float32
-    assert 0 < got[0] < 1 and 0 < got[1] < 1
+def test_precision_recall_on_known_points() -> None:
+    """1-d points where the k-NN balls (k = 3) are known by hand."""
+    real = torch.arange(10.0, dtype=torch.float64)[:, None]  # radii 3 at the ends, 2 inside
+    gen = torch.tensor([[0.5], [1.5], [2.5], [3.5]], dtype=torch.float64)  # radii 3, 2, 2, 3
+    # every generated point lies in a real ball; the generated balls cover [-2.5, 6.5]: 0..6
+    assert quality.precision_recall(gen, real, k=3) == pytest.approx((1.0, 0.7), abs=1e-6)
+    # an outlier at 100 lies in no real ball (precision 4/5), and its own ball (radius 98.5,
+    # to its 3rd neighbour 1.5) covers 2..9 (the known outlier weakness: recall 1)
+    outlier = torch.cat([gen, torch.tensor([[100.0]], dtype=torch.float64)])
+    assert quality.precision_recall(outlier, real, k=3) == pytest.approx((0.8, 1.0), abs=1e-6)
     assert quality.precision_recall(real, real.clone()) == (1.0, 1.0)
-    assert quality.precision_recall(real + 100.0, real) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="needs more than 3 samples"):
+        quality.precision_recall(gen[:3], real, k=3)
 
 
 # --- option parsing and bad input ----------------------------------------------------------------
@@ -103,7 +101,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path, capsys: pytest.Capt
     torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
     cases = [
         (missing, "does not exist"),
-        (text, "torch.load(weights_only=True)"),
+        (text, "is not a readable PyTorch checkpoint"),
         (unsafe, "pickled objects (argparse.Namespace) that torch.load(weights_only=True) refuses"),
         (foreign, "no 'scm_config'"),
     ]

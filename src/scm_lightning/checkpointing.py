@@ -3,7 +3,14 @@
 * :class:`AtomicCheckpointIO`: Lightning ``CheckpointIO`` writing ``<dir>/.<name>.tmp-<pid>-*``,
   fsync, then ``os.replace`` onto the target (and an fsync of the directory). A process killed
   mid-write leaves the previous checkpoint intact; loads use ``torch.load(weights_only=True)``.
-* :func:`load_checkpoint_file`: that safe load with one-line errors for non-checkpoints.
+  Remote fsspec paths (``s3://``, ``gs://``, ``memory://``, ...) are written by Lightning's
+  own ``_atomic_save`` (an fsspec transaction) and read through fsspec. Lightning's writer is
+  not used for local paths: its local transaction writes the temporary file to the system
+  temp folder, so the final move across file systems is a copy that a crash can tear, and
+  nothing is fsynced.
+* :func:`load_checkpoint_file`: that safe load with one-line errors for non-checkpoints;
+  :func:`load_checkpoint` adds the checks that it is a ``fit``/``pretrain`` run's checkpoint.
+  Every command and the resume check read checkpoints through these two.
 * :func:`check_resume_config` / :func:`check_resume_state`: before training, refuse a
   checkpoint from another task, loss mode, teacher, data shape or student (config keys and
   ``state_dict`` shapes).
@@ -16,13 +23,14 @@ import os
 import pickle
 import re
 import secrets
-import zipfile
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from scm_lightning.config import ConfigError
@@ -62,14 +70,25 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """A URL of a non-local fsspec file system (``s3://``, ``gs://``, ``memory://``, ...)."""
+    return fsspec.utils.get_protocol(str(path)) not in ("file", "local")
+
+
 def atomic_save(
     obj: Any, path: str | os.PathLike, save: Callable[[Any, Any], None] | None = None
 ) -> None:
     """``save(obj, file)`` (default ``torch.save``) into a temporary file next to ``path``,
     fsync, ``os.replace``.
 
-    Readers see either the old file or the complete new one, never a partial write.
+    Readers see either the old file or the complete new one, never a partial write. A remote
+    fsspec path goes to Lightning's ``_atomic_save`` (``torch.save`` in an fsspec transaction).
     """
+    if is_remote(path):
+        if save is not None:
+            raise ValueError(f"a custom save function writes local files only, not {path!r}")
+        _atomic_save(obj, str(path))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -93,20 +112,35 @@ def load_checkpoint_file(
     path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``; anything else (pickled objects, a text file,
-    a truncated zip) raises a one-line ValueError naming the file. Never unpickles code."""
-    path = Path(path)
-    if not path.exists():
+    a truncated zip) raises a one-line ValueError naming the file. Never unpickles code.
+
+    ``path`` is a local path or an fsspec URL (``mmap`` applies to local files only).
+    """
+    remote = is_remote(path)
+    fs = get_filesystem(path) if remote else None
+    if not (fs.exists(str(path)) if remote else Path(path).exists()):
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
+    if fs.isdir(str(path)) if remote else Path(path).is_dir():
         raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, expected a .ckpt file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if remote:
+            with fs.open(str(path), "rb") as f:
+                obj = torch.load(f, map_location=map_location, weights_only=True)
+        else:
+            obj = torch.load(Path(path), map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"pickled objects ({unsafe.group(1)})" if unsafe else "pickled data"
+        if unsafe is None:  # not a pickle of tensors at all (a text file, random bytes)
+            lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+            detail = next((s for s in lines if s.startswith("Unsupported")), None)
+            first = (detail or (lines or [type(err).__name__])[0])[:160]
+            raise ValueError(
+                f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint (truncated or not "
+                f"a checkpoint at all: {first})"
+            ) from None
         raise ValueError(
-            f"checkpoint {str(path)!r} holds {what} that torch.load(weights_only=True) refuses; "
-            "arbitrary pickles are never loaded"
+            f"checkpoint {str(path)!r} holds pickled objects ({unsafe.group(1)}) that "
+            "torch.load(weights_only=True) refuses; arbitrary pickles are never loaded"
         ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, ... on junk
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
@@ -119,42 +153,20 @@ def load_checkpoint_file(
     return obj
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict of an scm_lightning run; raises FileNotFoundError / ValueError."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a directory, expected a Lightning .ckpt file"
-            " (exported folders are accepted by `sample` only)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if unsafe:
-            raise ValueError(
-                f"{str(path)!r} holds pickled objects ({unsafe.group(1)}) that "
-                "torch.load(weights_only=True) refuses; arbitrary pickles are never loaded"
-            ) from None
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a checkpoint readable by torch.load(weights_only=True) "
-            f"({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{str(path)!r} is not a PyTorch checkpoint ({first[:160]})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict of an scm_lightning ``fit``/``pretrain`` run, on the CPU.
+
+    Read by :func:`load_checkpoint_file` (same errors); then ValueError unless it holds a
+    ``state_dict`` and the run's ``scm_config``.
+    """
+    ckpt = load_checkpoint_file(path)
+    where = f"checkpoint {str(path)!r}"
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{where} is not a Lightning checkpoint (no 'state_dict')")
     if not isinstance(ckpt.get("scm_config"), dict):
-        raise ValueError(
-            f"{str(path)!r} was not written by scm_lightning `fit`/`pretrain` (no 'scm_config')"
-        )
+        raise ValueError(f"{where} was not written by scm_lightning fit/pretrain (no 'scm_config')")
     if ckpt["scm_config"].get("task") not in ("fit", "pretrain"):
-        raise ValueError(f"{str(path)!r}: unknown task {ckpt['scm_config'].get('task')!r}")
+        raise ValueError(f"{where}: unknown task {ckpt['scm_config'].get('task')!r}")
     return ckpt
 
 

@@ -1,70 +1,63 @@
-"""Sample-set metrics beyond FD: KID and k-NN precision/recall on feature vectors (pure).
+"""Sample-set metrics beyond FD: KID and k-NN precision/recall, computed by torch-fidelity.
 
-Features are ``(N, D)`` tensors from a feature network (``metrics.features``).
+Features are ``(N, D)`` tensors from a feature network (``metrics.features``). These wrappers
+only fit the arguments (subset size at most the sample counts, one-line errors for too few
+samples) and return plain floats; the estimators are torch-fidelity's own.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
-
-
-def _poly_kernel(x: Tensor, y: Tensor) -> Tensor:
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
-
-
-def mmd2_unbiased(x: Tensor, y: Tensor) -> float:
-    """Unbiased MMD² (Gretton et al. 2012, Eq. 3) with the KID kernel ``(xᵀy/d + 1)³``."""
-    x, y = x.double(), y.double()
-    m, n = x.shape[0], y.shape[0]
-    kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
-    xx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
-    yy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
-    return float(xx + yy - 2.0 * kxy.mean())
+from torch_fidelity.metric_kid import (
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_KID_STD,
+    kid_features_to_metric,
+)
+from torch_fidelity.metric_prc import (
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    prc_features_to_metric,
+)
 
 
 def kernel_inception_distance(
     gen: Tensor, ref: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """KID (Bińkowski 2018): mean, std of :func:`mmd2_unbiased` over random subsets."""
+    """KID (Bińkowski et al. 2018, Eq. 3 with the kernel ``(xᵀy/d + 1)³``): mean and std of the
+    unbiased MMD² over ``subsets`` random pairs of subsets of ``min(subset_size, N_gen, N_ref)``
+    features each (torch-fidelity ``kid_features_to_metric``, seeded by ``seed``)."""
     m = min(int(subset_size), gen.shape[0], ref.shape[0])
     if m < 2:
         raise ValueError(
             f"KID needs at least 2 samples per set, got {gen.shape[0]} and {ref.shape[0]}"
         )
-    rng = np.random.default_rng(seed)
-    vals = [
-        mmd2_unbiased(
-            gen[torch.from_numpy(rng.choice(gen.shape[0], m, replace=False))],
-            ref[torch.from_numpy(rng.choice(ref.shape[0], m, replace=False))],
-        )
-        for _ in range(int(subsets))
-    ]
-    return float(np.mean(vals)), float(np.std(vals))
-
-
-def _kth_radius(x: Tensor, k: int, chunk: int = 2048) -> Tensor:
-    """Distance of each row of ``x`` to its k-th nearest other row."""
-    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
-
-
-def _covered(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 2048) -> Tensor:
-    """Per point: inside some ball ``‖p − c‖ ≤ r_c``?"""
-    return torch.cat(
-        [(torch.cdist(p, centres) <= radii[None]).any(dim=1) for p in points.split(chunk)]
+    out = kid_features_to_metric(
+        gen.detach().double().cpu(),
+        ref.detach().double().cpu(),
+        kid_subsets=int(subsets),
+        kid_subset_size=m,
+        rng_seed=int(seed),
+        verbose=False,
     )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
 def precision_recall(gen: Tensor, ref: Tensor, k: int = 3) -> tuple[float, float]:
     """k-NN precision and recall (Kynkäänniemi et al. 2019) of features ``gen`` vs ``ref``.
 
     Precision: fraction of generated points inside the k-NN ball of some real point; recall:
-    fraction of real points inside the k-NN ball of some generated point.
+    fraction of real points inside the k-NN ball of some generated point (torch-fidelity
+    ``prc_features_to_metric``, distances in float64).
     """
     if min(gen.shape[0], ref.shape[0]) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    gen, ref = gen.double(), ref.double()
-    precision = _covered(gen, ref, _kth_radius(ref, k)).double().mean()
-    recall = _covered(ref, gen, _kth_radius(gen, k)).double().mean()
-    return float(precision), float(recall)
+    out = prc_features_to_metric(
+        gen.detach().to(torch.float64).cpu(),
+        ref.detach().to(torch.float64).cpu(),
+        prc_neighborhood=int(k),
+        prc_batch_size=10_000,
+        save_cpu_ram=True,  # distances block by block, never the full N×N matrices at once
+        verbose=False,
+    )
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
