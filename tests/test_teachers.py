@@ -24,7 +24,6 @@ from scm_lightning.teachers import (
     ScheduleAdapter,
     TabulatedSchedule,
     TrigFlowNative,
-    build_teacher_from_target,
     check_teacher_matches_data,
     load_teacher,
 )
@@ -415,26 +414,28 @@ def test_check_teacher_matches_data():
         check_teacher_matches_data(EDMAdapter(tiny_unet(), 0.5), C, RES, 10)
 
 
-def test_build_teacher_from_target():
-    cfg = {
-        "_target_": "scm_lightning.teachers.TrigFlowNative",
-        "net": {
-            "_target_": "torch.nn.Conv2d",
-            "in_channels": 2,
-            "out_channels": 2,
-            "kernel_size": 1,
-        },
-        "sigma_data": 0.5,
-    }
-    teacher = build_teacher_from_target(cfg)
+def test_custom_teacher_target_is_built_by_hydra_and_frozen():
+    """A custom ``teacher._target_`` (nested ``_target_`` included) goes through Hydra's
+    ``instantiate``; anything but a TrigFlowModel is refused with the wrapping hint."""
+    from omegaconf import OmegaConf
+
+    from scm_lightning.config import ConfigError
+    from scm_lightning.training import build_teacher
+
+    cfg = OmegaConf.create(
+        {
+            "_target_": "scm_lightning.teachers.TrigFlowNative",
+            "net": {"_target_": "torch.nn.Conv2d", "in_channels": 2, "out_channels": 2,
+                    "kernel_size": 1},
+            "sigma_data": 0.5,
+        }
+    )  # fmt: skip
+    teacher = build_teacher(cfg)
     assert isinstance(teacher, TrigFlowNative) and isinstance(teacher.net, nn.Conv2d)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(TypeError, match="returned Identity, expected"):
-        build_teacher_from_target({"_target_": "torch.nn.Identity"})
-    with pytest.raises(ImportError, match="no_such_module"):
-        build_teacher_from_target({"_target_": "no_such_module.Thing"})
-    with pytest.raises(ValueError, match="_target_"):
-        build_teacher_from_target({"net": 1})
+    with pytest.raises(ConfigError, match="returned Identity") as info:
+        build_teacher(OmegaConf.create({"_target_": "torch.nn.Identity"}))
+    assert "wrap a plain module in TrigFlowNative or EDMAdapter" in str(info.value)
 
 
 def test_guided_velocity_is_sigma_data_times_guided_F():

@@ -48,7 +48,8 @@ def build_teacher(teacher_cfg: DictConfig) -> TrigFlowModel:
     if not isinstance(teacher, TrigFlowModel):
         raise ConfigError(
             f"teacher._target_={teacher_cfg.get('_target_')!r} returned {type(teacher).__name__}; "
-            "expected a scm_lightning.teachers.base.TrigFlowModel"
+            "expected a scm_lightning.teachers.base.TrigFlowModel (wrap a plain module in "
+            "TrigFlowNative or EDMAdapter, or a schedule teacher in ScheduleAdapter)"
         )
     return teacher.requires_grad_(False).eval()
 

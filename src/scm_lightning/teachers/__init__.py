@@ -10,7 +10,6 @@ from scm_lightning.teachers.guidance import (
     guided_velocity,
 )
 from scm_lightning.teachers.loading import (
-    build_teacher_from_target,
     check_teacher_matches_data,
     load_teacher,
 )
@@ -28,7 +27,6 @@ __all__ = [
     "TrigFlowModel",
     "TrigFlowNative",
     "attach_guidance_embedding",
-    "build_teacher_from_target",
     "check_teacher_matches_data",
     "guided_F",
     "guided_velocity",

@@ -16,10 +16,8 @@ on :class:`FlowSchedule`, ``SCMScheduler`` / a ``TrigFlowUNet`` -> :class:`TrigF
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -257,45 +255,6 @@ def load_teacher(
                 f"unknown prediction_type {pred!r} for {path}; expected one of {PREDICTION_TYPES}"
             )
         model = ScheduleAdapter(net, sd, schedule, pred, data_scale=data_scale)
-    return freeze(model)
-
-
-def _locate(target: str) -> Any:
-    module_name, _, attr = target.rpartition(".")
-    if not module_name:
-        raise ValueError(f"_target_ {target!r} must be a dotted path 'package.module.Name'")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"cannot import module {module_name!r} for _target_ {target!r}") from e
-    if not hasattr(obj, attr):
-        raise ImportError(f"module {module_name!r} has no attribute {attr!r} (_target_ {target!r})")
-    return getattr(obj, attr)
-
-
-def _instantiate(value: Any) -> Any:
-    if isinstance(value, Mapping) and "_target_" in value:
-        kwargs = {k: _instantiate(v) for k, v in value.items() if k != "_target_"}
-        return _locate(str(value["_target_"]))(**kwargs)
-    if isinstance(value, Mapping):
-        return {k: _instantiate(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_instantiate(v) for v in value)
-    return value
-
-
-def build_teacher_from_target(cfg: Mapping[str, Any]) -> TrigFlowModel:
-    """Build a custom teacher from ``{"_target_": "pkg.mod.Factory", **kwargs}`` (Hydra style,
-    nested ``_target_`` dicts are built first), frozen. The result must be a TrigFlowModel."""
-    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
-        raise ValueError(f"teacher config needs a '_target_' dotted path, got {dict(cfg)!r}")
-    model = _instantiate(cfg)
-    if not isinstance(model, TrigFlowModel):
-        raise TypeError(
-            f"_target_ {cfg['_target_']!r} returned {type(model).__name__}, expected a "
-            "scm_lightning.teachers.TrigFlowModel (wrap the net in TrigFlowNative, EDMAdapter "
-            "or ScheduleAdapter)"
-        )
     return freeze(model)
 
 
