@@ -19,6 +19,7 @@ from scm_lightning.data.digits import DigitsDataModule, load_digits_tensors
 from scm_lightning.metrics import (
     FeatureStats,
     InceptionFeatures,
+    accumulate_stats,
     build_feature_extractor,
     cached_reference_stats,
     frechet_distance,
@@ -60,6 +61,57 @@ def test_frechet_distance_matches_scipy_and_numpy_moments() -> None:
     assert frechet_distance(mc, cc, md, cd) == pytest.approx(scipy_fd(mc, cc, md, cd), rel=1e-6)
     with pytest.raises(ValueError, match="shape mismatch"):
         frechet_distance(mc, cc, md[:3], cd)
+
+
+class FlatFeatures(nn.Flatten):
+    num_features = 4  # 1×2×2 images -> 4 features
+
+
+def test_accumulate_stats_embeds_clamped_batches() -> None:
+    """The one embedding path: clamp to [-1, 1], feature net, float64 sums; empty batches
+    (a DDP rank without a share) are skipped."""
+    g = torch.Generator().manual_seed(0)
+    images = 1.5 * torch.randn(50, 1, 2, 2, generator=g)  # partly outside [-1, 1]
+    batches = [images[:20], images[20:20], images[20:]]
+    stats = accumulate_stats(batches, FlatFeatures(), "cpu")
+    x = images.clamp(-1, 1).flatten(1).double().numpy()
+    assert stats.n == 50
+    np.testing.assert_allclose(stats.mean(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.cov(), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-14)
+    empty = accumulate_stats([images[:0]], FlatFeatures(), "cpu")  # width from num_features
+    assert empty.n == 0 and empty.sum.shape == (4,)
+    with pytest.raises(ValueError, match="no images"):
+        accumulate_stats([], nn.Flatten(), "cpu")
+
+
+def test_final_evaluation_and_evaluate_share_one_fd() -> None:
+    """End-of-fit figures (evaluation) and `evaluate` (commands) give the same FD as scipy on
+    the clamped features of the same images."""
+    from scm_lightning import commands, evaluation
+
+    g = torch.Generator().manual_seed(1)
+    gen_images = 1.2 * torch.randn(64, 1, 2, 2, generator=g) + 0.2
+    ref_images = torch.randn(80, 1, 2, 2, generator=g).clamp(-1, 1)
+    net = FlatFeatures()
+
+    def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
+        done = sampler.done
+        sampler.done += n
+        return gen_images[done : done + n]
+
+    sampler.done = 0
+    final = frechet_distance_from_stats(
+        evaluation.sampled_stats(sampler, 64, 24, 0, net, torch.device("cpu")),
+        evaluation.reference_stats(ref_images, 24, net, torch.device("cpu")),
+    )
+    gen_f = commands._features(net, gen_images, 24, torch.device("cpu"))
+    ref_f = commands._features(net, ref_images, 24, torch.device("cpu"))
+    opts = {"kid_subsets": 2, "kid_subset_size": 16, "pr_k": 3}
+    scores = commands._scores(gen_f, ref_f, opts, seed=0)
+    a, b = gen_images.clamp(-1, 1).flatten(1).double().numpy(), ref_images.flatten(1).numpy()
+    expected = scipy_fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert final == pytest.approx(expected, rel=1e-8)
+    assert scores["fd"] == pytest.approx(expected, rel=1e-8)
 
 
 def test_digits_classifier_and_fd_on_digits() -> None:

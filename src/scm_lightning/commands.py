@@ -287,21 +287,16 @@ def _feature_net(opts: dict[str, Any], cfg: Any, device: torch.device) -> torch.
         raise
 
 
-@torch.no_grad()
 def _features(net: torch.nn.Module, images: Tensor, batch: int, device: torch.device) -> Tensor:
-    return torch.cat(
-        [net(x.to(device).float().clamp(-1, 1)).double().cpu() for x in images.split(batch)]
-    )
+    from scm_lightning.metrics.frechet import embed_images
+
+    return torch.cat([embed_images(x, net, device).double().cpu() for x in images.split(batch)])
 
 
 def _scores(gen: Tensor, ref: Tensor, opts: dict[str, Any], seed: int) -> dict[str, float]:
     from scm_lightning.metrics.frechet import FeatureStats, frechet_distance_from_stats
 
-    stats = []
-    for feats in (gen, ref):
-        s = FeatureStats(feats.shape[1])
-        s.update(feats)
-        stats.append(s)
+    stats = [FeatureStats.of(gen), FeatureStats.of(ref)]
     kid, kid_std = kernel_inception_distance(
         gen, ref, _int(opts, "kid_subsets", 1), _int(opts, "kid_subset_size", 2), seed
     )

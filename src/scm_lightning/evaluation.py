@@ -13,25 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from scm_lightning.metrics.features import build_feature_extractor
-from scm_lightning.metrics.frechet import FeatureStats, frechet_distance_from_stats
+from scm_lightning.metrics.frechet import (
+    FeatureStats,
+    accumulate_stats,
+    frechet_distance_from_stats,
+)
 
 Sampler = Callable[[int, torch.Generator], Tensor]
-
-
-@torch.no_grad()
-def feature_stats(
-    images_in_batches: Callable[[], Any], feature_net: nn.Module, device: torch.device
-) -> FeatureStats:
-    """Accumulate feature mean/covariance over an iterable of ``(N, C, H, W)`` image batches."""
-    stats: FeatureStats | None = None
-    for images in images_in_batches():
-        feats = feature_net(images.to(device).float().clamp(-1, 1)).double()
-        if stats is None:
-            stats = FeatureStats(feats.shape[1], device=device)
-        stats.update(feats)
-    if stats is None:
-        raise ValueError("no images to compute feature statistics from")
-    return stats
 
 
 def sampled_stats(
@@ -52,13 +40,14 @@ def sampled_stats(
             yield sampler(n, gen)
             done += n
 
-    return feature_stats(batches, feature_net, device)
+    return accumulate_stats(batches(), feature_net, device)
 
 
 def reference_stats(
     reference: Tensor, batch_size: int, feature_net: nn.Module, device: torch.device
 ) -> FeatureStats:
-    return feature_stats(lambda: reference.split(batch_size), feature_net, device)
+    """Statistics of the reference images ``(N, C, H, W)``, ``batch_size`` at a time."""
+    return accumulate_stats(reference.split(batch_size), feature_net, device)
 
 
 def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[str, Any]:

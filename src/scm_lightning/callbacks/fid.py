@@ -31,6 +31,7 @@ from scm_lightning.callbacks.ema import EMA
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import (
     FeatureStats,
+    accumulate_stats,
     cached_reference_stats,
     frechet_distance_from_stats,
 )
@@ -125,10 +126,6 @@ class FIDCallback(Callback):
             self._net = build_feature_extractor(self.feature, device=device)
         return self._net.to(device)
 
-    @torch.no_grad()
-    def _embed_into(self, stats: FeatureStats, images: Tensor, net: nn.Module) -> None:
-        stats.update(net(images.to(stats.sum.device).float().clamp(-1.0, 1.0)))
-
     def reference_stats(self, trainer: L.Trainer, device: torch.device) -> FeatureStats:
         """Statistics of the training images: loaded from the cache, or computed once."""
         if self._ref is not None:
@@ -162,11 +159,8 @@ class FIDCallback(Callback):
                 return torch.stack([_images(dataset[i]) for i in range(rank, count, world)])
 
         def compute() -> FeatureStats:
-            stats = FeatureStats(net.num_features, device=device)
-            images = images_of_rank()
-            for start in range(0, images.shape[0], self.ref_batch_size):
-                self._embed_into(stats, images[start : start + self.ref_batch_size], net)
-            return stats
+            batches = images_of_rank().split(self.ref_batch_size)
+            return accumulate_stats(batches, net, device, FeatureStats(net.num_features, device))
 
         self._ref, _, computed = cached_reference_stats(
             self.ref_cache_dir, data_config, net.feature_id, compute, device=device
@@ -200,18 +194,22 @@ class FIDCallback(Callback):
             with swap:
                 for nfe in self.nfes:
                     gen = torch.Generator(device=device).manual_seed(self.seed + rank)
+
+                    def kept_samples(nfe: int = nfe, gen: torch.Generator = gen) -> Any:
+                        for start in range(0, per_rank, self.batch_size):
+                            n = min(self.batch_size, per_rank - start)
+                            labels = None
+                            if num_classes:
+                                labels = torch.randint(
+                                    num_classes, (n,), generator=gen, device=device
+                                )
+                            x = pl_module.sample(
+                                n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
+                            )
+                            yield x[: max(0, min(n, keep - start))]
+
                     stats = FeatureStats(net.num_features, device=device)
-                    for start in range(0, per_rank, self.batch_size):
-                        n = min(self.batch_size, per_rank - start)
-                        labels = None
-                        if num_classes:
-                            labels = torch.randint(num_classes, (n,), generator=gen, device=device)
-                        x = pl_module.sample(
-                            n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
-                        )
-                        k = max(0, min(n, keep - start))
-                        if k:
-                            self._embed_into(stats, x[:k], net)
+                    accumulate_stats(kept_samples(), net, device, stats)
                     results[nfe] = frechet_distance_from_stats(stats.sync(), ref)
         finally:
             pl_module.train(was_training)

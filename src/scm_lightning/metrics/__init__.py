@@ -1,4 +1,4 @@
-"""Sample-quality metrics: Fréchet distance (FID) and the feature networks it runs on.
+"""Sample-quality metrics: Fréchet distance (FID), KID, precision/recall, feature networks.
 
 Pure layer: imports neither Lightning nor Hydra.
 """
@@ -11,7 +11,9 @@ from scm_lightning.metrics.features import (
 )
 from scm_lightning.metrics.frechet import (
     FeatureStats,
+    accumulate_stats,
     cached_reference_stats,
+    embed_images,
     frechet_distance,
     frechet_distance_from_stats,
     stats_cache_key,
@@ -21,8 +23,10 @@ __all__ = [
     "DigitsClassifier",
     "FeatureStats",
     "InceptionFeatures",
+    "accumulate_stats",
     "build_feature_extractor",
     "cached_reference_stats",
+    "embed_images",
     "frechet_distance",
     "frechet_distance_from_stats",
     "load_digits_classifier",

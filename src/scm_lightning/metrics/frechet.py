@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _dist_on() -> bool:
@@ -57,6 +57,13 @@ class FeatureStats:
         self.count += x.shape[0]
         self.sum += x.sum(dim=0)
         self.sum_outer += x.T @ x
+
+    @classmethod
+    def of(cls, features: Tensor) -> FeatureStats:
+        """Statistics of one feature matrix ``(N, D)`` (on its device)."""
+        stats = cls(features.shape[1], device=features.device)
+        stats.update(features)
+        return stats
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Add another accumulator's sums into this one (in place); returns self."""
@@ -135,6 +142,43 @@ class FeatureStats:
         stats.sum.copy_(torch.from_numpy(np.asarray(total, np.float64)))
         stats.sum_outer.copy_(torch.from_numpy(np.asarray(outer, np.float64)))
         return stats
+
+
+@torch.no_grad()
+def embed_images(images: Tensor, feature_net: nn.Module, device: torch.device | str) -> Tensor:
+    """Features ``(N, D)`` of images ``(N, C, H, W)`` in data range ``[-1, 1]``.
+
+    Images are clamped to ``[-1, 1]`` first: samplers overshoot the data range slightly, and
+    every FD in the package (FID callback, ``evaluate``, end-of-fit figures) embeds this way.
+    """
+    return feature_net(images.to(device).float().clamp(-1.0, 1.0))
+
+
+def accumulate_stats(
+    image_batches: Iterable[Tensor],
+    feature_net: nn.Module,
+    device: torch.device | str,
+    stats: FeatureStats | None = None,
+) -> FeatureStats:
+    """Add the features of every image batch ``(N, C, H, W)`` to ``stats`` (returned).
+
+    ``stats`` defaults to an empty accumulator of ``feature_net.num_features`` (or of the first
+    batch's feature width); no images at all then raises ValueError. Empty batches are skipped
+    (a DDP rank with no share of the samples still returns zero sums to all-reduce).
+    """
+    for images in image_batches:
+        if images.shape[0] == 0:
+            continue
+        feats = embed_images(images, feature_net, device)
+        if stats is None:
+            stats = FeatureStats(feats.shape[1], device=device)
+        stats.update(feats)
+    if stats is None:
+        width = getattr(feature_net, "num_features", None)
+        if width is None:
+            raise ValueError("no images to compute feature statistics from")
+        stats = FeatureStats(int(width), device=device)
+    return stats
 
 
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:
