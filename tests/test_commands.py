@@ -131,6 +131,9 @@ def test_bad_options_on_a_real_checkpoint(
     assert code == 2 and "strictly decreasing" in err
     code, err = _cli(["sample", f"ckpt={run_paths['pretrain_ckpt']}", out, "t_mid=1.0"], capsys)
     assert code == 2 and "t_mid= applies to consistency students" in err
+    code, err = _cli(["evaluate", f"ckpt={ckpt}", out, "feature=dinov2"], capsys)
+    assert code == 2 and "feature_weights=None is invalid for feature='dinov2'" in err
+    assert "DINOv2 features need a local checkpoint" in err and len(err.splitlines()) == 1
 
     # Inception without weights and without network (simulated: no download possible)
     import urllib.error
@@ -156,7 +159,7 @@ def test_bad_options_on_a_real_checkpoint(
         ],
         capsys,
     )
-    assert code == 2 and "Inception weights not found" in err
+    assert code == 2 and "missing.pth' does not exist: expected a local weights file" in err
 
 
 # --- the commands ----------------------------------------------------------------------------

@@ -186,6 +186,106 @@ def test_inception_errors_and_local_weights(tmp_path, monkeypatch) -> None:
     assert net.feature_id.startswith("inception-v3-compat-2048-") and not net.net.use_antialias
 
 
+# A stand-in for github.com/facebookresearch/dinov2 (no download in tests): same hub entry
+# point name, a tiny patch-14 network with DINOv2's `embed_dim` attribute.
+FAKE_DINOV2_HUBCONF = """
+import torch
+from torch import nn
+
+
+class TinyViT(nn.Module):
+    embed_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 6, kernel_size=14, stride=14)
+        self.head = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.head(self.patch_embed(x).mean(dim=(2, 3)))
+
+
+def dinov2_vits14(pretrained=True):
+    assert not pretrained, "the test never downloads"
+    return TinyViT()
+"""
+
+
+def fake_dinov2(tmp_path) -> tuple:
+    """(repo dir with hubconf.py, weights file, the network those weights define)."""
+    import importlib.util
+
+    repo = tmp_path / "hub" / "facebookresearch_dinov2_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(FAKE_DINOV2_HUBCONF)
+    spec = importlib.util.spec_from_file_location("fake_dinov2_hubconf", repo / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(3)
+    net = module.dinov2_vits14(pretrained=False).eval()
+    torch.save(net.state_dict(), tmp_path / "dinov2_vits14_pretrain.pth")
+    return repo, tmp_path / "dinov2_vits14_pretrain.pth", net
+
+
+def test_dinov2_features_from_local_code_and_weights(tmp_path, monkeypatch) -> None:
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
+
+    from scm_lightning.metrics.features import DinoV2Features, dinov2_problem
+
+    repo, weights, reference_net = fake_dinov2(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # torch.hub.get_dir() -> tmp_path/hub
+    net = build_feature_extractor("dinov2", weights_path=weights)
+    assert isinstance(net, DinoV2Features) and net.num_features == 6 and not net.training
+    assert net.feature_id.startswith("dinov2-vit-s-14-")
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    # independently: uint8 like a PNG, RGB, TF1 bilinear to 224 px, ImageNet statistics
+    u8 = ((x + 1) * 127.5).round().clamp(0, 255).expand(-1, 3, -1, -1)
+    big = interpolate_bilinear_2d_like_tensorflow1x(u8, size=(224, 224), align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    with torch.no_grad():
+        expected = reference_net((big - mean) / std)
+        torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-5)
+    # the code folder can also be given explicitly
+    spec = {"name": "dinov2", "repo_dir": str(repo), "weights_path": str(weights)}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
+    assert build_feature_extractor(spec).num_features == 6
+    # offline problems, each one line
+    assert "need a local checkpoint" in dinov2_problem(None, repo)
+    assert "not found at" in dinov2_problem(tmp_path / "nope.pth", repo)
+    assert "model code is not at" in dinov2_problem(weights, None)
+    with pytest.raises(FileNotFoundError, match="need a local checkpoint"):
+        build_feature_extractor("dinov2")
+
+
+@pytest.mark.slow
+def test_fit_reports_dinov2_fd_from_the_cli(tmp_path, monkeypatch) -> None:
+    """`fit debug=fdr eval.feature=dinov2 eval.feature_weights=PATH`: the end-of-fit FDs are
+    measured on the DINOv2 features (code from torch.hub's folder under TORCH_HOME)."""
+    import json
+
+    from conftest import run_cli
+
+    _, weights, _ = fake_dinov2(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    run = tmp_path / "run"
+    res = run_cli(
+        "fit",
+        "debug=fdr",
+        f"run_dir={run}",
+        "eval.feature=dinov2",
+        f"eval.feature_weights={weights}",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["feature"].startswith("dinov2-vit-s-14-")
+    fds = [v for k, v in results.items() if k.startswith("fd_")]
+    assert len(fds) == 4 and all(np.isfinite(fds)) and min(fds) >= 0
+
+
 def test_build_feature_extractor_specs() -> None:
     assert build_feature_extractor("digits").feature_id.startswith("digits_classifier-")
     ident = build_feature_extractor({"_target_": "torch.nn.Flatten"})

@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from scm_lightning.config import ConfigError
+from scm_lightning.config import ConfigError, feature_problem
 from scm_lightning.metrics.quality import kernel_inception_distance, precision_recall
 
 REQUIRED = "???"
@@ -272,12 +272,14 @@ def _feature_net(opts: dict[str, Any], cfg: Any, device: torch.device) -> torch.
 
     spec: Any = opts["feature"] if opts["feature"] is not None else cfg.eval.feature
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-    if opts["feature_weights"] is not None:
-        name = spec.get("name", spec.get("_target_")) if isinstance(spec, dict) else spec
-        key = "path" if name == "digits" else "weights_path"  # load_digits_classifier(path=)
-        spec = {"name": name, key: str(opts["feature_weights"])}
+    weights = opts["feature_weights"]
+    if weights is None and opts["feature"] is None:  # the run's own feature network
+        weights = cfg.eval.get("feature_weights")
+    problem = feature_problem(spec, weights)
+    if problem is not None:
+        raise ConfigError(f"feature_weights={weights!r} is invalid for feature={spec!r}: {problem}")
     try:
-        return build_feature_extractor(spec, device=device)
+        return build_feature_extractor(spec, device=device, weights_path=weights)
     except RuntimeError as err:
         if INCEPTION_NO_NETWORK in str(err):
             raise ConfigError(

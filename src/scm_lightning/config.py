@@ -432,6 +432,38 @@ def _validate_ckpt_path(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={str(ckpt)!r} is a directory: expected a .ckpt file")
 
 
+def feature_problem(spec: Any, weights: Any) -> str | None:
+    """Why the FD feature network ``spec`` (``eval.feature``) with ``weights``
+    (``eval.feature_weights``) cannot be built offline, or None; checked before any work."""
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec)
+    name, repo_dir = spec, None
+    if isinstance(spec, dict):
+        name, repo_dir = spec.get("name"), spec.get("repo_dir")
+        weights = weights if weights is not None else spec.get("weights_path", spec.get("path"))
+    if name == "dinov2":
+        from scm_lightning.metrics.features import dinov2_problem
+
+        return dinov2_problem(weights, repo_dir)
+    if weights is not None and not Path(str(weights)).expanduser().is_file():
+        return f"{str(weights)!r} does not exist: expected a local weights file"
+    return None
+
+
+def _validate_features(cfg: DictConfig) -> None:
+    """``eval.feature`` / ``eval.feature_weights`` and any callback's own ``feature``."""
+    places = [("eval", cfg.eval)] + [
+        (f"callbacks.{name}", cb)
+        for name, cb in (cfg.get("callbacks") or {}).items()
+        if cb is not None and "feature" in cb
+    ]
+    for prefix, node in places:
+        weights = _get(cfg, f"{prefix}.feature_weights") if "feature_weights" in node else None
+        problem = feature_problem(_get(cfg, f"{prefix}.feature"), weights)
+        if problem is not None:
+            raise ConfigError(f"{prefix}.feature_weights={weights!r} is invalid: {problem}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Range and type checks for every value that has one; raises :class:`ConfigError`.
 
@@ -468,6 +500,7 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("every_n_steps", "every_n_train_steps", "num_samples"):
             if key in cb and cb[key] is not None:
                 _int(cfg, f"callbacks.{name}.{key}", 0)
+    _validate_features(cfg)
     _validate_ckpt_path(cfg)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

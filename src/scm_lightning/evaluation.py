@@ -68,6 +68,7 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     feature_net = build_feature_extractor(
         OmegaConf.to_container(ev.feature) if isinstance(ev.feature, DictConfig) else ev.feature,
         device=device,
+        weights_path=ev.get("feature_weights"),
     )
     ref = dm.reference_images(int(ev.num_samples))
     ref_stats = reference_stats(ref, int(ev.batch_size), feature_net, device)

@@ -49,7 +49,9 @@ class FIDCallback(Callback):
         nfes: numbers of sampling steps to score; each logs ``fid/nfe<k>``.
         num_samples: generated images per NFE (over all ranks).
         feature: feature network spec for :func:`build_feature_extractor` (``"digits"``,
-            ``"inception"``, ``{"name": "inception", "weights_path": ...}``, a dotted path).
+            ``"inception"``, ``"dinov2"``, ``{"name": "inception", "weights_path": ...}``, a
+            dotted path).
+        feature_weights: local weights file of the named feature network (``eval.feature_weights``).
         ref_cache_dir: folder of cached reference statistics (``ref-<hash>.npz``).
         t_mid: intermediate TrigFlow time of 2-step sampling (radians; paper: 1.1).
         ema_profile: EMA profile to sample with (default: the EMA callback's ``validate_with``).
@@ -71,6 +73,7 @@ class FIDCallback(Callback):
         nfes: Sequence[int] = (1, 2),
         num_samples: int = 10_000,
         feature: str | dict[str, Any] = "digits",
+        feature_weights: str | None = None,
         ref_cache_dir: str = "fid_refs",
         t_mid: float = 1.1,
         ema_profile: str | None = None,
@@ -95,6 +98,7 @@ class FIDCallback(Callback):
         self.nfes = tuple(int(n) for n in nfes)
         self.num_samples = int(num_samples)
         self.feature = feature
+        self.feature_weights = feature_weights
         self.ref_cache_dir = ref_cache_dir
         self.t_mid = float(t_mid)
         self.ema_profile = ema_profile
@@ -123,7 +127,7 @@ class FIDCallback(Callback):
     # --- pieces ----------------------------------------------------------------------------
     def feature_net(self, device: torch.device) -> nn.Module:
         if self._net is None:
-            self._net = build_feature_extractor(self.feature, device=device)
+            self._net = build_feature_extractor(self.feature, device, self.feature_weights)
         return self._net.to(device)
 
     def reference_stats(self, trainer: L.Trainer, device: torch.device) -> FeatureStats:
