@@ -2,13 +2,13 @@
 
 Overrides are ``key=value`` (values parsed by OmegaConf: ``times=[1.56,1.1]``) checked
 against a per-command schema; an unknown key stops with an error naming it and the allowed
-ones. ``ckpt`` is a Lightning checkpoint of ``fit``/``pretrain`` (read with
-``weights_only=True`` only) or, for ``sample``, an exported folder.
+ones. ``ckpt`` is a Lightning checkpoint of ``fit``/``pretrain`` (read by
+:func:`scm_lightning.checkpointing.load_checkpoint`, ``weights_only=True`` only) or, for
+``sample``, an exported folder. ``export`` is :func:`export_checkpoint`.
 
-Metrics of ``evaluate`` (all on the features of ``feature``, default the run's ``eval.feature``):
-FD (Fréchet distance, :mod:`metrics.frechet`), KID (Bińkowski et al. 2018: unbiased MMD² with
-the cubic kernel ``k(x, y) = (xᵀy/d + 1)³``, mean ± std over random subsets) and k-NN
-precision/recall (Kynkäänniemi et al. 2019, k = 3).
+Metrics of ``evaluate`` (all on the features of ``feature``, default the run's ``eval.feature``
+with ``eval.feature_weights``): FD (Fréchet distance, :mod:`metrics.frechet`), KID and k-NN
+precision/recall (torch-fidelity, through :mod:`metrics.quality`).
 """
 
 from __future__ import annotations
