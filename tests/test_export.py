@@ -288,6 +288,18 @@ def test_pretrain_export_is_a_loadable_teacher(run_paths: dict[str, Path]) -> No
         torch.testing.assert_close(teacher(x, t), module.student(x, t), rtol=0, atol=0)
 
 
+def test_load_prepared_teacher_refuses_a_plain_pretrain_checkpoint(
+    run_paths: dict[str, Path],
+) -> None:
+    """restore.load_prepared_teacher rebuilds the run and wants a prepare_from student."""
+    from scm_lightning.restore import load_prepared_teacher
+
+    with pytest.raises(ValueError, match="not a teacher-preparation checkpoint"):
+        load_prepared_teacher(str(run_paths["pretrain_ckpt"]))
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
+        load_prepared_teacher(str(Path(__file__)))
+
+
 def test_export_trained_network_swaps_back(run_paths: dict[str, Path], tmp_path: Path) -> None:
     """export_trained_network exports the EMA profile and restores the online weights."""
     from types import SimpleNamespace
