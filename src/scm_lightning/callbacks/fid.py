@@ -198,22 +198,17 @@ class FIDCallback(Callback):
             with swap:
                 for nfe in self.nfes:
                     gen = torch.Generator(device=device).manual_seed(self.seed + rank)
-
-                    def kept_samples(nfe: int = nfe, gen: torch.Generator = gen) -> Any:
-                        for start in range(0, per_rank, self.batch_size):
-                            n = min(self.batch_size, per_rank - start)
-                            labels = None
-                            if num_classes:
-                                labels = torch.randint(
-                                    num_classes, (n,), generator=gen, device=device
-                                )
-                            x = pl_module.sample(
-                                n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
-                            )
-                            yield x[: max(0, min(n, keep - start))]
-
                     stats = FeatureStats(net.num_features, device=device)
-                    accumulate_stats(kept_samples(), net, device, stats)
+                    for start in range(0, per_rank, self.batch_size):
+                        n = min(self.batch_size, per_rank - start)
+                        labels = None
+                        if num_classes:
+                            labels = torch.randint(num_classes, (n,), generator=gen, device=device)
+                        x = pl_module.sample(
+                            n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
+                        )
+                        k = max(0, min(n, keep - start))
+                        accumulate_stats([x[:k]], net, device, stats)  # k = 0: nothing added
                     results[nfe] = frechet_distance_from_stats(stats.sync(), ref)
         finally:
             pl_module.train(was_training)
