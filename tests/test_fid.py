@@ -260,6 +260,30 @@ def test_dinov2_features_from_local_code_and_weights(tmp_path, monkeypatch) -> N
         build_feature_extractor("dinov2")
 
 
+def test_dinov2_config_is_checked_before_any_work(tmp_path, monkeypatch) -> None:
+    """validate_config names the key: weights missing -> eval.feature_weights; the DINOv2
+    code missing -> eval.feature; both present -> accepted (also for the FID callback)."""
+    from scm_lightning.config import ConfigError, compose_config, validate_config
+
+    def check(*overrides: str) -> None:
+        validate_config(compose_config("fit", ["run_dir=" + str(tmp_path / "run"), *overrides]))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^eval.feature_weights=None is invalid: DINOv2"):
+        check("eval.feature=dinov2")
+    weights = tmp_path / "dinov2_vits14_pretrain.pth"
+    with pytest.raises(ConfigError, match=r"^eval.feature_weights='.*' is invalid: DINOv2 weig"):
+        check("eval.feature=dinov2", f"eval.feature_weights={weights}")
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^eval.feature='dinov2' is invalid: the DINOv2 model"):
+        check("eval.feature=dinov2", f"eval.feature_weights={weights}")
+    fake_dinov2(tmp_path / "t")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "t"))
+    check("eval.feature=dinov2", f"eval.feature_weights={weights}")
+    with pytest.raises(ConfigError, match=r"^callbacks.fid.feature_weights=None is invalid"):
+        check("callbacks.fid.feature=dinov2", "callbacks.fid.feature_weights=null")
+
+
 @pytest.mark.slow
 def test_fit_reports_dinov2_fd_from_the_cli(tmp_path, monkeypatch) -> None:
     """`fit debug=fdr eval.feature=dinov2 eval.feature_weights=PATH`: the end-of-fit FDs are

@@ -459,9 +459,14 @@ def _validate_features(cfg: DictConfig) -> None:
     ]
     for prefix, node in places:
         weights = _get(cfg, f"{prefix}.feature_weights") if "feature_weights" in node else None
-        problem = feature_problem(_get(cfg, f"{prefix}.feature"), weights)
-        if problem is not None:
-            raise ConfigError(f"{prefix}.feature_weights={weights!r} is invalid: {problem}")
+        feature = _get(cfg, f"{prefix}.feature")
+        problem = feature_problem(feature, weights)
+        if problem is None:
+            continue
+        if weights is not None and Path(str(weights)).expanduser().is_file():  # the code is missing
+            feature = OmegaConf.to_container(feature) if OmegaConf.is_config(feature) else feature
+            raise ConfigError(f"{prefix}.feature={feature!r} is invalid: {problem}")
+        raise ConfigError(f"{prefix}.feature_weights={weights!r} is invalid: {problem}")
 
 
 def validate_config(cfg: DictConfig) -> None:
