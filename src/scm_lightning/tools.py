@@ -234,19 +234,9 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 
 
 def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
-    from scm_lightning.pipeline import SCMPipeline
-
-    if opts["ema"] is not None:
-        raise ConfigError(
-            "ema= applies to checkpoints; an exported folder holds one set of weights"
-        )
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{str(folder)!r} is neither a checkpoint file nor an exported folder"
-        )
-    pipe = SCMPipeline.from_pretrained(folder, low_cpu_mem_usage=False).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    labels = _labels(opts["labels"], num, pipe.adapter.num_classes)
+    pipe = _load_folder(folder, opts)
+    pipe.to(device)
+    labels = _labels(opts["labels"], num, pipe.num_classes)
     times = opts["times"]
 
     def sampler(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
@@ -267,6 +257,23 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
         labels,
         {"folder": str(folder), "ema_profile": pipe.adapter_config.get("ema_profile")},
     )
+
+
+def _load_folder(folder: Path, opts: dict[str, Any]) -> Any:
+    """The exported pipeline in ``folder`` (the package's classes; no code from the folder)."""
+    from scm_lightning.pipeline import load_pipeline
+
+    if opts["ema"] is not None:
+        raise ConfigError(
+            "ema= applies to checkpoints; an exported folder holds one set of weights"
+        )
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} is neither a checkpoint file nor an exported folder"
+        )
+    pipe = load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 # --- evaluate ------------------------------------------------------------------------------
