@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from scm_lightning.teachers.denoiser import DenoiserAdapter
 from scm_lightning.teachers.edm import EDMAdapter
-from test_teachers import C, RES, tiny_unet
+from test_teachers import RES, C, tiny_unet
 
 
 class EDMPrecond(nn.Module):
