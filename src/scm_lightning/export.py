@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import zipfile
@@ -32,6 +33,7 @@ from scm_lightning.pipeline import pipeline_from_adapter, save_pipeline
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
 
 ONLINE = ("online", "none", "raw")  # ema=<one of these>: the raw (non-averaged) weights
+RUN_CONFIG = "scm_run_config.json"  # an export's run record: `evaluate` reads its data/eval
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -73,22 +75,56 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def rebuild_module(ckpt: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode."""
+class TeacherNotLoaded(TrigFlowModel):
+    """Stands in for the frozen teacher of a student-only rebuild; calling it is an error."""
+
+    def __init__(self, like: TrigFlowModel) -> None:
+        super().__init__(like.sigma_data)
+        self._in_channels = like.in_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            "the teacher was not rebuilt (student-only rebuild for sample/export/evaluate); "
+            "rebuild_module(ckpt, with_teacher=True) loads it from the run's teacher config"
+        )
+
+
+def rebuild_module(ckpt: dict[str, Any], with_teacher: bool = True) -> tuple[Any, Any, Any]:
+    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode.
+
+    ``with_teacher=False``: a distillation checkpoint that records its student
+    (``STUDENT_RECORD``: net class, diffusers config, adapter) is rebuilt from that alone, so
+    the teacher's folder may be gone; ``module.teacher`` is then a :class:`TeacherNotLoaded`.
+    Older checkpoints (or nets without a diffusers config) rebuild the teacher as before.
+    """
     from omegaconf import OmegaConf
 
     from scm_lightning import training
     from scm_lightning.config import register_resolvers
+    from scm_lightning.modules import STUDENT_RECORD
 
     register_resolvers()
     cfg = OmegaConf.create(ckpt["scm_config"])
     dm = training.build_datamodule(cfg)
-    if cfg.task == "fit":
-        module = training.build_distillation(cfg, dm)
+    record = ckpt.get(STUDENT_RECORD)
+    if cfg.task == "fit" and not with_teacher and isinstance(record, dict):
+        from scm_lightning.teachers.description import build_network
+
+        shape = build_network(record, guidance_embedding=False).requires_grad_(False).eval()
+        module = training.build_distillation(cfg, dm, teacher=shape)
+        module.load_state_dict(ckpt["state_dict"])  # the teacher keys refill from `shape`
+        module.teacher = TeacherNotLoaded(shape)
     else:
-        module = training.build_diffusion(cfg, dm)
-    module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
-    module.load_state_dict(ckpt["state_dict"])
+        if cfg.task == "fit":
+            module = training.build_distillation(cfg, dm)
+        else:
+            module = training.build_diffusion(cfg, dm)
+        module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
+        module.load_state_dict(ckpt["state_dict"])
     module.run_config = ckpt["scm_config"]
     return module.eval(), cfg, dm
 
@@ -189,6 +225,9 @@ def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
         save_pipeline(pipeline_from_adapter(adapter, **extra), out)
     finally:
         module.train(was_training)
+    run_config = getattr(module, "run_config", None)
+    if run_config is not None:  # diffusers ignores it; `evaluate ckpt=<folder>` reads it
+        (out / RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
     return out
 
 
@@ -224,7 +263,7 @@ def export_checkpoint(
     ``<run>/logs/ema_snapshots``; written when ``callbacks.ema.snapshot_every_n_steps`` is set).
     """
     ckpt = load_checkpoint(ckpt_path)
-    module, cfg, _ = rebuild_module(ckpt)
+    module, cfg, _ = rebuild_module(ckpt, with_teacher=False)
     meta = describe_module(module, cfg)
     meta.update(global_step=int(ckpt.get("global_step", 0)))
     if posthoc_std is not None:

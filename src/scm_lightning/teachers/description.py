@@ -11,6 +11,8 @@ JSON); learned tensors (a guidance embedding) stay in the weights.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -144,3 +146,53 @@ def build_adapter(net: nn.Module, desc: dict[str, Any]) -> NetAdapter:
     elif guidance == "native" and not adapter.native_guidance:
         raise ValueError(f"the adapter says guidance='native' but {type(net).__name__} has none")
     return adapter
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts/lists all the way down (an OmegaConf container in a config pickles as an
+    object that ``torch.load(weights_only=True)`` refuses)."""
+    if isinstance(value, str) or not isinstance(value, (Mapping, Sequence)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value]
+
+
+def describe_network(adapter: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds ``adapter`` without its source: the raw net's class (dotted path), its
+    diffusers config and :func:`adapter_description`. None when the net has no diffusers
+    config (``from_config``) or the adapter kind has no description."""
+    if not isinstance(adapter, NetAdapter):
+        return None
+    net = adapter.net
+    if not (hasattr(net, "config") and hasattr(type(net), "from_config")):
+        return None
+    try:
+        desc = adapter_description(adapter)
+    except TypeError:
+        return None
+    cls = type(net)
+    config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+    return {
+        "net_class": f"{cls.__module__}.{cls.__qualname__}",
+        "net_config": _plain(config),
+        "adapter": _plain(desc),
+    }
+
+
+def build_network(record: dict[str, Any], guidance_embedding: bool = True) -> NetAdapter:
+    """Inverse of :func:`describe_network`: a freshly initialised adapter of the same
+    architecture (load the weights afterwards). ``guidance_embedding=False`` leaves a
+    guidance embedding unattached (the Student attaches its own)."""
+    module_name, _, class_name = str(record["net_class"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(
+            f"cannot import the network class {record['net_class']!r}: {err}"
+        ) from None
+    net = cls.from_config(record["net_config"])
+    desc = dict(record["adapter"])
+    if not guidance_embedding and desc.get("guidance") == "embedding":
+        desc["guidance"] = "none"
+    return build_adapter(net, desc)
