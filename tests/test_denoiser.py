@@ -144,3 +144,14 @@ def test_fit_and_export_with_a_denoiser_teacher(tmp_path: Path) -> None:
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.3, 0.9, 1.4])
     with torch.no_grad():
         torch.testing.assert_close(pipe.model_F(x, t), module.student(x, t), rtol=0, atol=1e-6)
+
+
+def test_readme_denoiser_snippet_runs() -> None:
+    from test_diffusers_load import readme_block
+
+    scope: dict = {}
+    exec(readme_block("Denoiser teachers (k-diffusion / EDM2)"), scope)
+    velocity = scope["velocity"]
+    assert velocity.shape == (4, 3, 32, 32) and torch.isfinite(velocity).all()
+    # the Gaussian's exact denoiser: x0 = cos t·x_t, so the velocity vanishes
+    assert velocity.abs().max() < 1e-5

@@ -224,3 +224,37 @@ def test_diffusers_loads_the_export_in_a_fresh_process(kind: str, tmp_path: Path
     cli_u8 = np.load(out / "samples_nfe2_seed0.npz")["samples"].astype(int)
     fresh_u8 = to_uint8(torch.from_numpy(np.load(tmp_path / "fresh" / "nfe2.npy"))).astype(int)
     assert np.abs(cli_u8 - fresh_u8).max() <= 1
+
+
+def readme_block(section: str, lang: str = "python") -> str:
+    """The first ```lang block under the README's ``## section`` heading."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_diffusers_snippet_runs_without_the_project(tmp_path: Path) -> None:
+    """The README's "Load an export with diffusers" snippet, verbatim, in a fresh process that
+    cannot import scm_lightning, next to a folder written by `export`."""
+    from scm_lightning import tools
+    from test_export import tiny_run
+
+    paths = tiny_run(tmp_path / "run")
+    assert tools.main("export", [f"ckpt={paths['fit_ckpt']}", f"out={tmp_path / 'exported'}"]) == 0
+    blocker = LOAD_SCRIPT.split("import numpy as np", 1)[0]  # the NoProject import guard
+    snippet = readme_block("Load an export with diffusers")
+    script = tmp_path / "snippet.py"
+    script.write_text(
+        blocker + snippet + "\nassert len(images) == 4 and images[0].size == (8, 8)\n"
+        "assert 'scm_lightning' not in sys.modules\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-I", str(script)],
+        env=fresh_process_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
