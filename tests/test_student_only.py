@@ -142,3 +142,23 @@ def test_sample_and_export_after_the_teacher_is_gone(
 
     code = cli.main(["evaluate", f"ckpt={ckpt_path}", *EVAL_SMALL, "nfes=[1]", "teacher_nfes=[3]"])
     assert code == 2 and "teacher directory" in capsys.readouterr().err
+
+
+def test_absolute_paths_only_rewrites_existing_local_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scm_lightning.checkpointing import absolute_paths
+
+    (tmp_path / "teacher").mkdir()
+    monkeypatch.chdir(tmp_path)
+    tree = {
+        "teacher": {"path": "teacher", "net": {"pretrained_model_name_or_path": "org/model"}},
+        "data": {"root": "s3://bucket/images", "path": str(tmp_path / "x.npz")},
+        "notes": ["teacher"],
+        "name": "teacher",  # not a path key
+    }
+    out = absolute_paths(tree)
+    assert out["teacher"]["path"] == str(tmp_path / "teacher")
+    assert out["teacher"]["net"]["pretrained_model_name_or_path"] == "org/model"  # a hub id
+    assert out["data"] == tree["data"] and out["notes"] == ["teacher"]
+    assert out["name"] == "teacher"
