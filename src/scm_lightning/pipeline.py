@@ -9,6 +9,7 @@ the same folder with the package's classes (no code is executed from the folder)
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from pathlib import Path
@@ -55,7 +56,7 @@ def standalone_source(module: Any) -> str:
     for line in inspect.getsource(module).splitlines(keepends=True):
         if line.startswith("from scm_lightning."):
             source_module, names = line[5:].split(" import ")
-            owner = __import__(source_module.strip(), fromlist=["_"])
+            owner = importlib.import_module(source_module.strip())
             for name in names.split(","):
                 lines.append("\n\n" + inspect.getsource(getattr(owner, name.strip())) + "\n")
         else:
