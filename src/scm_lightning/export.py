@@ -232,7 +232,7 @@ def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
 
 
 def describe_module(module: Any, cfg: Any | None = None) -> dict[str, Any]:
-    """Metadata for adapter.json: model type, image shape, default sampling times."""
+    """Metadata for the adapter description: model type, image shape, default sampling times."""
     from scm_lightning.modules import DistillationModule
     from scm_lightning.trigflow import t_max_from_sigma_max
 
