@@ -234,13 +234,15 @@ def readme_block(section: str, lang: str = "python") -> str:
 
 
 @pytest.mark.slow
-def test_readme_diffusers_snippet_runs_without_the_project(tmp_path: Path) -> None:
+def test_readme_diffusers_snippet_runs_without_the_project(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The README's "Load an export with diffusers" snippet, verbatim, in a fresh process that
     cannot import scm_lightning, next to a folder written by `export`."""
     from scm_lightning import tools
     from test_export import tiny_run
 
-    paths = tiny_run(tmp_path / "run")
+    paths = tiny_run(tmp_path_factory.getbasetemp() / "scm_tiny_run")  # shared with test_tools
     assert tools.main("export", [f"ckpt={paths['fit_ckpt']}", f"out={tmp_path / 'exported'}"]) == 0
     blocker = LOAD_SCRIPT.split("import numpy as np", 1)[0]  # the NoProject import guard
     snippet = readme_block("Load an export with diffusers")
