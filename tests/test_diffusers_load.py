@@ -121,6 +121,13 @@ def test_standalone_F_equals_the_adapters(name: str, tmp_path: Path) -> None:
     assert not (tmp_path / "adapter.json").exists()
 
 
+def test_description_and_standalone_file_agree_on_the_format() -> None:
+    from scm_lightning.teachers import description
+
+    assert description.ADAPTER_FORMAT == pipeline_scm.ADAPTER_FORMAT
+    assert set(description.CONDITIONING) == set(pipeline_scm.ADAPTER_KINDS)
+
+
 @pytest.mark.parametrize("nfe", [1, 2, 3, 5])
 def test_standalone_times_equal_sampling(nfe: int) -> None:
     for t_mid in (1.1, 0.7):
