@@ -13,7 +13,9 @@ from diffusers import SCMScheduler, UNet2DModel
 
 from scm_lightning import sampling
 from scm_lightning.nets.trigflow_unet import TrigFlowUNet
-from scm_lightning.pipeline import SCMPipeline, adapter_description, build_adapter
+from scm_lightning.pipeline import load_pipeline, pipeline_from_adapter, save_pipeline
+from scm_lightning.pipeline_scm import SCMPipeline
+from scm_lightning.teachers.description import adapter_description, build_adapter
 from scm_lightning.teachers.edm import EDMAdapter
 from scm_lightning.teachers.guidance import attach_guidance_embedding
 from scm_lightning.teachers.schedule import FlowSchedule, ScheduleAdapter, TabulatedSchedule
@@ -161,18 +163,19 @@ def test_adapter_description_round_trip(name: str, tmp_path: Path) -> None:
     if adapter.accepts_guidance:
         kw["guidance"] = torch.tensor([1.0, 1.5, 2.0, 3.0])
     ref = adapter(x, t, **kw)
-    desc, tensors = adapter_description(adapter)
-    desc = json.loads(json.dumps(desc))  # must survive JSON
-    rebuilt = build_adapter(adapter.net, desc, tensors)
+    desc = json.loads(json.dumps(adapter_description(adapter)))  # must survive JSON
+    rebuilt = build_adapter(adapter.net, desc)
+    if adapter.guidance_embedding is not None:  # learned weights travel with the state dict
+        rebuilt.guidance_embedding.load_state_dict(adapter.guidance_embedding.state_dict())
     torch.testing.assert_close(rebuilt(x, t, **kw), ref, rtol=0, atol=0)
 
-    SCMPipeline.from_adapter(adapter, image_shape=[1, 8, 8]).save_pretrained(tmp_path)
-    pipe = SCMPipeline.from_pretrained(tmp_path, low_cpu_mem_usage=False)
-    assert type(pipe.adapter) is type(adapter)
+    save_pipeline(pipeline_from_adapter(adapter, image_shape=[1, 8, 8]), tmp_path)
+    pipe = load_pipeline(tmp_path)
     assert pipe.adapter_config["kind"] == desc["kind"]
-    torch.testing.assert_close(pipe.adapter(x, t, **kw), ref, rtol=1e-6, atol=1e-6)
+    got = pipe.model_F(x, t, kw.get("class_labels"), kw.get("guidance"))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     if name.startswith("edm"):  # the guidance embedding really matters (not zero)
-        no_s = pipe.adapter(x, t, guidance=torch.ones(4))
+        no_s = pipe.model_F(x, t, guidance=torch.ones(4))
         assert (no_s - ref).abs().max() > 1e-3
 
 
@@ -181,7 +184,7 @@ def test_pipeline_matches_consistency_sampler(nfe: int) -> None:
     """Same seed -> same images as sampling.consistency_sample (prior drawn first, one z per
     re-noise), with labels and a guidance scale; explicit times for nfe = 3."""
     adapter = TrigFlowNative(_trigflow_unet(num_classes=3, guidance_embedding=True), SD)
-    pipe = SCMPipeline.from_adapter(adapter)
+    pipe = pipeline_from_adapter(adapter)
     times = sampling.consistency_times(nfe, sigma_data=SD, t_mid=1.0)
     labels = torch.tensor([2, 0, 1, 1, 3])
     s = torch.full((5,), 1.7)
@@ -210,7 +213,7 @@ def test_pipeline_matches_consistency_sampler(nfe: int) -> None:
 
 
 def test_pipeline_rejects_bad_input() -> None:
-    pipe = SCMPipeline.from_adapter(TrigFlowNative(_trigflow_unet(), SD))
+    pipe = pipeline_from_adapter(TrigFlowNative(_trigflow_unet(), SD))
     with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
         pipe(1, 0, output_type="latent")
     with pytest.raises(ValueError, match="no guidance input"):
@@ -222,8 +225,10 @@ def test_pipeline_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="output_type"):
         pipe(1, 1, output_type="jpeg")
     with pytest.raises(ValueError, match="sigma_data"):
-        SCMPipeline(pipe.unet, SCMScheduler(sigma_data=1.0)).set_adapter(
-            {**pipe.adapter_config, "sigma_data": 0.5}
+        SCMPipeline(
+            pipe.unet,
+            SCMScheduler(sigma_data=1.0),
+            adapter={**pipe.adapter_config, "sigma_data": 0.5},
         )
 
 
@@ -239,13 +244,14 @@ def test_export_round_trip_matches_sample(run_paths: dict[str, Path], tmp_path: 
 
     out = tmp_path / "export"
     assert commands.main("export", [f"ckpt={run_paths['fit_ckpt']}", f"out={out}"]) == 0
-    desc = json.loads((out / "adapter.json").read_text())
+    desc = json.loads((out / "model_index.json").read_text())["adapter"]
     assert desc["kind"] == "trigflow" and desc["model"] == "consistency"
     assert desc["ema_profile"] == "power_0.05" and desc["global_step"] == 2
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "SCMScheduler" and sched["prediction_type"] == "trigflow"
-    assert sched["sigma_data"] == SD
-    pipe = SCMPipeline.from_pretrained(out, low_cpu_mem_usage=False)
+    assert sched["sigma_data"] == SD and sched["intermediate_timesteps"] == desc["t_mid"]
+    assert sched["max_timesteps"] == desc["t_max"]
+    pipe = load_pipeline(out)
 
     ckpt = load_checkpoint(run_paths["fit_ckpt"])
     module, _, _ = rebuild_module(ckpt)
@@ -279,7 +285,7 @@ def test_pretrain_export_is_a_loadable_teacher(run_paths: dict[str, Path]) -> No
 
     teacher = load_teacher(run_paths["teacher"])
     assert isinstance(teacher, TrigFlowNative) and teacher.sigma_data == SD
-    desc = json.loads((run_paths["teacher"] / "adapter.json").read_text())
+    desc = json.loads((run_paths["teacher"] / "model_index.json").read_text())["adapter"]
     assert desc["model"] == "diffusion" and desc["task"] == "pretrain"
     ckpt = load_checkpoint(run_paths["pretrain_ckpt"])
     module, _, _ = rebuild_module(ckpt)

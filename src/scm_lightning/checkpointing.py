@@ -201,6 +201,34 @@ def has_own_checkpoint_io(strategy: Any) -> bool:
     )
 
 
+# --- run config ---------------------------------------------------------------------------
+PATH_KEYS = ("path", "root", "ckpt_path", "scheduler_config", "pretrained_model_name_or_path")
+
+
+def absolute_paths(tree: Any) -> Any:
+    """``tree`` with every existing relative path under a :data:`PATH_KEYS` key made absolute,
+    so a checkpoint's config still finds its teacher and data from another working directory.
+    Remote (``scheme://``) and non-existent values (e.g. hub ids) stay as given."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            if (
+                key in PATH_KEYS
+                and isinstance(value, str)
+                and value
+                and "://" not in value
+                and not os.path.isabs(value)
+                and os.path.exists(value)
+            ):
+                out[key] = os.path.abspath(value)
+            else:
+                out[key] = absolute_paths(value)
+        return out
+    if isinstance(tree, list):
+        return [absolute_paths(v) for v in tree]
+    return tree
+
+
 # --- resume -------------------------------------------------------------------------------
 
 # Config keys whose change makes a checkpoint a different experiment (path -> why).
@@ -225,11 +253,7 @@ def _normalise(value: Any) -> Any:
     """Plain containers; ``path``-like strings compared as resolved absolute paths."""
     if isinstance(value, Mapping):
         return {
-            k: (
-                os.path.realpath(v)
-                if k in ("path", "root") and isinstance(v, str)
-                else _normalise(v)
-            )
+            k: (os.path.realpath(v) if k in PATH_KEYS and isinstance(v, str) else _normalise(v))
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):

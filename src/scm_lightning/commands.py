@@ -90,8 +90,10 @@ def _int(opts: dict[str, Any], key: str, minimum: int) -> int:
     return value
 
 
-def _nfes(value: Any, key: str) -> list[int]:
+def _nfes(value: Any, key: str, allow_empty: bool = False) -> list[int]:
     items = value if isinstance(value, list) else [value]
+    if not items and allow_empty:
+        return []
     if not items or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in items):
         raise ConfigError(f"{key}={value!r} is invalid: expected NFEs, integers >= 1")
     return [int(n) for n in items]
@@ -212,7 +214,7 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 
         ckpt = load_checkpoint(ckpt_path)
         profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
-        module, _, _ = rebuild_module(ckpt)
+        module, _, _ = rebuild_module(ckpt, with_teacher=False)
         module.to(device)
         labels = _labels(opts["labels"], num, module.student.num_classes)
         sampler = make_sampler(module, opts, nfe)
@@ -231,7 +233,21 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 
 
 def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
-    from scm_lightning.pipeline import SCMPipeline
+    pipe = _load_folder(folder, opts)
+    pipe.to(device)
+    labels = _labels(opts["labels"], num, pipe.num_classes)
+    sampler = _folder_sampler(pipe, opts, nfe)
+    images = _batched(sampler, num, batch, seed, labels, device)
+    return (
+        images,
+        labels,
+        {"folder": str(folder), "ema_profile": pipe.adapter_config.get("ema_profile")},
+    )
+
+
+def _load_folder(folder: Path, opts: dict[str, Any]) -> Any:
+    """The exported pipeline in ``folder`` (the package's classes; no code from the folder)."""
+    from scm_lightning.pipeline import load_pipeline
 
     if opts["ema"] is not None:
         raise ConfigError(
@@ -241,29 +257,9 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
         raise FileNotFoundError(
             f"{str(folder)!r} is neither a checkpoint file nor an exported folder"
         )
-    pipe = SCMPipeline.from_pretrained(folder, low_cpu_mem_usage=False).to(device)
+    pipe = load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
-    labels = _labels(opts["labels"], num, pipe.adapter.num_classes)
-    times = opts["times"]
-
-    def sampler(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
-        return pipe(
-            n,
-            nfe,
-            timesteps=times,
-            intermediate_timesteps=opts["t_mid"],
-            generator=g,
-            guidance_scale=opts["guidance"],
-            class_labels=lab,
-            output_type="latent",
-        ).images
-
-    images = _batched(sampler, num, batch, seed, labels, device)
-    return (
-        images,
-        labels,
-        {"folder": str(folder), "ema_profile": pipe.adapter_config.get("ema_profile")},
-    )
+    return pipe
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -307,14 +303,15 @@ def _scores(gen: Tensor, ref: Tensor, opts: dict[str, Any], seed: int) -> dict[s
     return {"fd": fd, "kid": kid, "kid_std": kid_std, "precision": precision, "recall": recall}
 
 
-def _fid_history(ckpt: dict[str, Any], ckpt_path: Path, run_dir: Path | None) -> list[dict]:
+def _fid_history(ckpt: dict[str, Any], ckpt_path: Path | None, run_dir: Path | None) -> list[dict]:
     """FD-vs-step history: the run dir's ``fid_history.json`` files and the checkpoint's state."""
     entries: dict[tuple[int, int], dict] = {}
     for key, value in (ckpt.get("callbacks") or {}).items():
         if key.startswith("FIDCallback") and isinstance(value, dict):
             for h in value.get("history", []):
                 entries[(int(h["step"]), int(h["nfe"]))] = dict(h)
-    dirs = {d for d in (run_dir, ckpt_path.resolve().parent.parent) if d is not None and d.is_dir()}
+    near_ckpt = ckpt_path.resolve().parent.parent if ckpt_path is not None else None
+    dirs = {d for d in (run_dir, near_ckpt) if d is not None and d.is_dir()}
     for d in dirs:
         for path in sorted(d.glob("**/fid_history.json")):
             if "eval" in path.relative_to(d).parts[:1]:
@@ -334,14 +331,26 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
 
     from scm_lightning.checkpointing import load_checkpoint
     from scm_lightning.export import ema_swapped, resolve_profile
-    from scm_lightning.modules import DistillationModule
     from scm_lightning.restore import rebuild_module
 
     ckpt_path = Path(str(opts["ckpt"]))
-    ckpt = load_checkpoint(ckpt_path)
-    profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
     device = _device(opts)
-    module, cfg, dm = rebuild_module(ckpt)
+    pipe = None  # an exported folder instead of a checkpoint
+    if ckpt_path.is_dir():
+        pipe = _load_folder(ckpt_path, opts)
+        cfg = _folder_run_config(ckpt_path)
+        ckpt: dict[str, Any] = {"global_step": pipe.adapter_config.get("global_step", 0)}
+        profile = pipe.adapter_config.get("ema_profile")
+        if cfg.task != "fit":
+            raise ConfigError(
+                f"ckpt={str(ckpt_path)!r} holds a `pretrain` diffusion model; evaluate its "
+                "checkpoint (PF-ODE sampling) instead of the exported folder"
+            )
+    else:
+        ckpt = load_checkpoint(ckpt_path)
+        profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
+        cfg = OmegaConf.create(ckpt["scm_config"])
+    distill = cfg.task == "fit"
     ev = cfg.eval
     student_nfes = _nfes(
         opts["nfes"] if opts["nfes"] is not None else list(ev.student_nfes), "nfes"
@@ -349,7 +358,18 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     teacher_nfes = _nfes(
         opts["teacher_nfes"] if opts["teacher_nfes"] is not None else list(ev.teacher_nfes),
         "teacher_nfes",
+        allow_empty=distill,  # teacher_nfes=[]: student rows only, the teacher is not rebuilt
     )
+    if pipe is None:
+        module, cfg, dm = rebuild_module(ckpt, with_teacher=distill and bool(teacher_nfes))
+        module.to(device)
+        num_classes = module.student.num_classes
+    else:
+        from scm_lightning.training import build_datamodule
+
+        module, dm = None, build_datamodule(cfg)
+        pipe.to(device)
+        num_classes = pipe.num_classes
     for key, default in (
         ("num_samples", ev.num_samples),
         ("batch_size", ev.batch_size),
@@ -362,10 +382,9 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
         _int(opts, "seed", 0),
     )
     feature_net = _feature_net(opts, cfg, device)
-    module.to(device)
     ref_images = dm.reference_images(num)
     ref = _features(feature_net, ref_images, batch, device)
-    labels = _labels(None, num, module.student.num_classes)
+    labels = _labels(None, num, num_classes)
 
     rows: list[dict[str, Any]] = []
 
@@ -380,30 +399,34 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
             }
         )
 
-    distill = isinstance(module, DistillationModule)
     if distill:
+        teacher_sample = _teacher_sampler(module, cfg, device) if teacher_nfes else None
         for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
             score(
                 "teacher",
                 _pf_ode_name(nfe),
                 nfe,
-                lambda n, g, lab, nfe=nfe: module.teacher_sample(
-                    n, nfe=nfe, generator=g, class_labels=lab
-                ),
+                lambda n, g, lab, nfe=nfe: teacher_sample(n, nfe, g, lab),
             )
-    with ema_swapped(module, ckpt, profile):
-        for nfe in student_nfes if distill else teacher_nfes:
-            name = "consistency" if distill else _pf_ode_name(nfe)
-            score("student" if distill else "model", name, nfe, make_sampler(module, opts, nfe))
+    if pipe is not None:
+        for nfe in student_nfes:
+            score("student", "consistency", nfe, _folder_sampler(pipe, opts, nfe))
+    else:
+        with ema_swapped(module, ckpt, profile):
+            for nfe in student_nfes if distill else teacher_nfes:
+                name = "consistency" if distill else _pf_ode_name(nfe)
+                sampler = make_sampler(module, opts, nfe)
+                score("student" if distill else "model", name, nfe, sampler)
 
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else None
-    out = (
-        Path(str(opts["out"]))
-        if opts["out"] is not None
-        else ckpt_path.resolve().parent.parent / "eval"
-    )
+    if opts["out"] is not None:
+        out = Path(str(opts["out"]))
+    elif pipe is not None:
+        out = ckpt_path / "eval"
+    else:
+        out = ckpt_path.resolve().parent.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    history = _fid_history(ckpt, ckpt_path, run_dir)
+    history = _fid_history(ckpt, None if pipe is not None else ckpt_path, run_dir)
     plot = None
     if history:
         from scm_lightning.callbacks.fid import FIDCallback
@@ -445,6 +468,58 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _folder_run_config(folder: Path) -> Any:
+    """The run config an exported folder carries (for its data and eval settings)."""
+    from scm_lightning.export import RUN_CONFIG
+
+    path = folder / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt={str(folder)!r}: the folder has no {RUN_CONFIG} (written by `export` since "
+            "it records the run); export the checkpoint again or evaluate the checkpoint"
+        )
+    return OmegaConf.create(json.loads(path.read_text()))
+
+
+def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., Tensor]:
+    """``sampler(n, generator, labels)`` of an exported pipeline, as `sample` draws."""
+
+    def sampler(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
+        return pipe(
+            n,
+            nfe,
+            timesteps=opts.get("times"),
+            intermediate_timesteps=opts["t_mid"],
+            generator=g,
+            guidance_scale=opts["guidance"],
+            class_labels=lab,
+            output_type="latent",
+        ).images
+
+    return sampler
+
+
+def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..., Tensor]:
+    """``sample(n, nfe, generator, labels)``: the run's teacher on the PF-ODE (rebuilt from its
+    config when ``module`` is None, i.e. for an exported folder)."""
+    if module is not None:
+        return lambda n, nfe, g, lab: module.teacher_sample(
+            n, nfe=nfe, generator=g, class_labels=lab
+        )
+    from scm_lightning import sampling
+    from scm_lightning.training import build_datamodule, build_teacher, image_shape
+
+    teacher = build_teacher(cfg.teacher).to(device)
+    shape = image_shape(build_datamodule(cfg))
+    sd = teacher.sigma_data
+
+    def sample(n: int, nfe: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
+        noise = sd * torch.randn((n, *shape), generator=g, device=device)  # = module.noise
+        return sampling.teacher_sample(teacher, noise, sd, nfe, lab)
+
+    return sample
+
+
 def _pf_ode_name(nfe: int) -> str:
     # sampling.teacher_sample: Heun for odd NFE ((nfe + 1)/2 steps), first-order DDIM for even.
     return "heun" if nfe % 2 == 1 else "ddim"
@@ -468,7 +543,7 @@ def export_checkpoint(
     from scm_lightning.restore import rebuild_module
 
     ckpt = load_checkpoint(ckpt_path)
-    module, cfg, _ = rebuild_module(ckpt)
+    module, cfg, _ = rebuild_module(ckpt, with_teacher=False)
     meta = describe_module(module, cfg)
     meta.update(global_step=int(ckpt.get("global_step", 0)))
     if posthoc_std is not None:

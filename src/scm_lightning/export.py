@@ -5,14 +5,17 @@ module is :func:`scm_lightning.restore.rebuild_module` (above the training build
 ``export`` command is :func:`scm_lightning.commands.export_checkpoint`.
 
 * :func:`ema_swapped` swaps a stored EMA profile into the student (and back on exit).
-* :func:`export_module` writes the folder described in :mod:`scm_lightning.pipeline`:
+* :func:`export_module` writes the folder described in :mod:`scm_lightning.pipeline_scm`:
   ``unet/`` (the raw network's ``save_pretrained``), ``scheduler/`` (``SCMScheduler``,
-  ``prediction_type="trigflow"``, ``sigma_data``), ``adapter.json`` and ``model_index.json``.
-  The same folder is a TrigFlow teacher for ``teachers.loading.load_teacher`` (trigflow kind).
+  ``prediction_type="trigflow"``, ``sigma_data``, ``max_timesteps``, ``intermediate_timesteps``),
+  ``model_index.json`` (with the adapter description) and the self-contained
+  ``pipeline_scm.py`` that diffusers' own loader runs. ``teachers.loading.load_teacher`` reads
+  the same folder as a teacher (with its adapter).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +24,11 @@ from typing import Any
 from torch import nn
 
 from scm_lightning.config import ConfigError
-from scm_lightning.pipeline import SCMPipeline
+from scm_lightning.pipeline import pipeline_from_adapter, save_pipeline
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
 
 ONLINE = ("online", "none", "raw")  # ema=<one of these>: the raw (non-averaged) weights
+RUN_CONFIG = "scm_run_config.json"  # an export's run record: `evaluate` reads its data/eval
 
 
 def ema_state(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,8 +106,9 @@ def _check_out_dir(out: Path) -> None:
 def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
     """Write the module's current student network as an ``SCMPipeline`` folder; returns it.
 
-    ``extra`` entries (EMA profile, step, model type, image shape, t_mid, ...) go into
-    ``adapter.json``. Call inside :func:`ema_swapped` (or ``EMA.swapped``) to export averages.
+    ``extra`` entries (EMA profile, step, model type, image shape, t_max, t_mid, ...) join the
+    adapter description in ``model_index.json`` (:func:`pipeline.pipeline_from_adapter`).
+    Call inside :func:`ema_swapped` (or ``EMA.swapped``) to export averages.
     """
     out = Path(out)
     _check_out_dir(out)
@@ -116,29 +121,20 @@ def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
             f"cannot export {type(net).__name__}: the raw network must be a diffusers ModelMixin "
             "(save_pretrained/from_pretrained), e.g. TrigFlowUNet or UNet2DModel"
         )
-    _plain_config(net)
     was_training = module.training
     module.eval()
     try:
-        pipe = SCMPipeline.from_adapter(adapter, **extra)
-        pipe.save_pretrained(out)
+        save_pipeline(pipeline_from_adapter(adapter, **extra), out)
     finally:
         module.train(was_training)
+    run_config = getattr(module, "run_config", None)
+    if run_config is not None:  # diffusers ignores it; `evaluate ckpt=<folder>` reads it
+        (out / RUN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
     return out
 
 
-def _plain_config(net: nn.Module) -> None:
-    """Replace OmegaConf containers in a diffusers config (a net built by Hydra's
-    ``instantiate`` without ``_convert_``) by plain lists/dicts, so it serialises to JSON."""
-    from omegaconf import OmegaConf
-
-    bad = {k: OmegaConf.to_container(v) for k, v in net.config.items() if OmegaConf.is_config(v)}
-    if bad:
-        net.register_to_config(**bad)
-
-
 def describe_module(module: Any, cfg: Any | None = None) -> dict[str, Any]:
-    """Metadata for adapter.json: model type, image shape, default sampling times."""
+    """Metadata for the adapter description: model type, image shape, default sampling times."""
     from scm_lightning.modules import DistillationModule
     from scm_lightning.trigflow import t_max_from_sigma_max
 

@@ -26,6 +26,7 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
 
 TEACHER_PREFIX = "teacher."
+STUDENT_RECORD = "scm_student"  # checkpoint key: teachers.description.describe_network
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -300,6 +301,13 @@ class DistillationModule(_TrigFlowModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
+        # The student's architecture and adapter, so `sample`/`export` rebuild it without the
+        # teacher (absent for nets without a diffusers config: those rebuild the teacher).
+        from scm_lightning.teachers.description import describe_network
+
+        record = describe_network(self.student.net)
+        if record is not None:
+            checkpoint[STUDENT_RECORD] = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.setdefault("state_dict", {})

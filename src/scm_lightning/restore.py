@@ -14,25 +14,60 @@ import torch
 
 from scm_lightning.checkpointing import load_checkpoint
 from scm_lightning.export import ema_swapped, resolve_profile
+from scm_lightning.teachers.base import TrigFlowModel
 from scm_lightning.teachers.preparation import PreparedTrigFlow
 
 
-def rebuild_module(ckpt: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode."""
+class TeacherNotLoaded(TrigFlowModel):
+    """Stands in for the frozen teacher of a student-only rebuild; calling it is an error."""
+
+    def __init__(self, like: TrigFlowModel) -> None:
+        super().__init__(like.sigma_data)
+        self._in_channels = like.in_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            "the teacher was not rebuilt (student-only rebuild for sample/export/evaluate); "
+            "rebuild_module(ckpt, with_teacher=True) loads it from the run's teacher config"
+        )
+
+
+def rebuild_module(ckpt: dict[str, Any], with_teacher: bool = True) -> tuple[Any, Any, Any]:
+    """``(module, cfg, datamodule)`` from ``ckpt["scm_config"]``, weights loaded, eval mode.
+
+    ``with_teacher=False``: a distillation checkpoint that records its student
+    (``STUDENT_RECORD``: net class, diffusers config, adapter) is rebuilt from that alone, so
+    the teacher's folder may be gone; ``module.teacher`` is then a :class:`TeacherNotLoaded`.
+    Older checkpoints (or nets without a diffusers config) rebuild the teacher as before.
+    """
     from omegaconf import OmegaConf
 
     from scm_lightning import training
     from scm_lightning.config import register_resolvers
+    from scm_lightning.modules import STUDENT_RECORD
 
     register_resolvers()
     cfg = OmegaConf.create(ckpt["scm_config"])
     dm = training.build_datamodule(cfg)
-    if cfg.task == "fit":
-        module = training.build_distillation(cfg, dm)
+    record = ckpt.get(STUDENT_RECORD)
+    if cfg.task == "fit" and not with_teacher and isinstance(record, dict):
+        from scm_lightning.teachers.description import build_network
+
+        shape = build_network(record, guidance_embedding=False).requires_grad_(False).eval()
+        module = training.build_distillation(cfg, dm, teacher=shape)
+        module.load_state_dict(ckpt["state_dict"])  # the teacher keys refill from `shape`
+        module.teacher = TeacherNotLoaded(shape)
     else:
-        module = training.build_diffusion(cfg, dm)
-    module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
-    module.load_state_dict(ckpt["state_dict"])
+        if cfg.task == "fit":
+            module = training.build_distillation(cfg, dm)
+        else:
+            module = training.build_diffusion(cfg, dm)
+        module.on_load_checkpoint(ckpt)  # a distillation module refills the teacher's keys
+        module.load_state_dict(ckpt["state_dict"])
     module.run_config = ckpt["scm_config"]
     return module.eval(), cfg, dm
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scm_lightning.checkpointing import (
     AtomicCheckpointIO,
+    absolute_paths,
     check_resume_config,
     check_resume_state,
     has_own_checkpoint_io,
@@ -139,8 +140,12 @@ def image_shape(dm: L.LightningDataModule) -> tuple[int, int, int]:
     return (int(dm.channels), int(dm.resolution), int(dm.resolution))
 
 
-def build_distillation(cfg: DictConfig, dm: L.LightningDataModule) -> DistillationModule:
-    teacher = build_teacher(cfg.teacher)
+def build_distillation(
+    cfg: DictConfig, dm: L.LightningDataModule, teacher: TrigFlowModel | None = None
+) -> DistillationModule:
+    """The sCD/sCT module; ``teacher`` (default: built from ``cfg.teacher``) also shapes the
+    student, so a student-only rebuild passes one of the student's architecture."""
+    teacher = build_teacher(cfg.teacher) if teacher is None else teacher
     check_model_matches_data(teacher, dm, "teacher")
     loss = cfg.loss
     return DistillationModule(
@@ -232,7 +237,7 @@ def run(cfg: DictConfig, on_ready: Callable[[], None] | None = None) -> dict[str
     dm.prepare_data()
     dm.setup("fit")  # e.g. an image folder's scan: an unreadable file fails here, not mid-run
     module = build_distillation(cfg, dm) if cfg.task == "fit" else build_diffusion(cfg, dm)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.run_config = absolute_paths(OmegaConf.to_container(cfg, resolve=True))
     if resume is not None:
         check_resume_state(resume, module)
         del resume

@@ -1,6 +1,7 @@
 """Teachers: any diffusion model as a TrigFlow velocity (spec §2)."""
 
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
+from scm_lightning.teachers.denoiser import DenoiserAdapter
 from scm_lightning.teachers.edm import EDMAdapter
 from scm_lightning.teachers.guidance import (
     GuidanceEmbedding,
@@ -17,6 +18,7 @@ from scm_lightning.teachers.schedule import FlowSchedule, ScheduleAdapter, Tabul
 from scm_lightning.teachers.trigflow import TrigFlowNative
 
 __all__ = [
+    "DenoiserAdapter",
     "EDMAdapter",
     "FlowSchedule",
     "GuidanceEmbedding",

@@ -86,7 +86,8 @@ def _find_folders(path: Path, scheduler_config: str | Path | None) -> tuple[Path
     return model_dir, next((c for c in candidates if c.is_file()), None)
 
 
-def _model_class(class_name: str | None, model_dir: Path) -> type:
+def model_class(class_name: str | None, model_dir: Path) -> type:
+    """The network class named in ``model_dir/config.json``: ours (TrigFlowUNet) or diffusers'."""
     if class_name is None:
         raise ValueError(f"{model_dir / 'config.json'} has no _class_name")
     if class_name in TRIGFLOW_MODELS:
@@ -209,7 +210,7 @@ def load_teacher(
     elif kind != "trigflow" and scheduler is None:
         _infer_kind(None, None, "", sched_path)  # raises the missing-scheduler error
 
-    cls = _model_class(class_name, model_dir)
+    cls = model_class(class_name, model_dir)
     _check_safetensors(model_dir, allow_pickle)
     # low_cpu_mem_usage needs `accelerate` (not a dependency): load plainly, without its warning
     kwargs: dict[str, Any] = {"local_files_only": True, "low_cpu_mem_usage": False}
@@ -224,6 +225,17 @@ def load_teacher(
     if pred == "flow_prediction":
         pred = "flow"
 
+    exported = _exported_description(path)
+    if exported is not None:  # an scm_lightning export: its own adapter, whatever the scheduler
+        from scm_lightning.teachers.description import build_adapter
+
+        if exported.get("guidance") == "embedding":
+            raise ValueError(f"{path} holds a guidance-distilled student; it is no teacher")
+        if sigma_data is not None and abs(sigma_data - float(exported["sigma_data"])) > 1e-12:
+            raise ValueError(
+                f"sigma_data={sigma_data} differs from the export's {exported['sigma_data']}"
+            )
+        return freeze(build_adapter(net, exported))
     if kind == "trigflow":
         sd = sigma_data
         for source in (sched_cfg or {}, model_config):
@@ -256,6 +268,15 @@ def load_teacher(
             )
         model = ScheduleAdapter(net, sd, schedule, pred, data_scale=data_scale)
     return freeze(model)
+
+
+def _exported_description(path: Path) -> dict[str, Any] | None:
+    """The adapter description in an exported pipeline folder's ``model_index.json``."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    adapter = _read_json(index).get("adapter")
+    return adapter if isinstance(adapter, dict) else None
 
 
 def _hw(value: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
