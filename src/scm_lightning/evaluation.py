@@ -17,6 +17,29 @@ from scm_lightning.metrics.frechet import FeatureStats, frechet_distance_from_st
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 
+# How evaluation draws class labels for a class-conditional model (`eval.labels`).
+LABEL_MODES = ("uniform", "data")
+
+
+def class_label_probs(mode: str, datamodule: Any, num_classes: int | None) -> Tensor | None:
+    """The label distribution evaluation samples from (:func:`sampling.draw_class_labels`).
+
+    ``"uniform"`` -> None (uniform over classes); ``"data"`` -> the training labels'
+    frequencies ``(num_classes,)`` (float64), read from ``datamodule.base_dataset()``.
+    """
+    if mode not in LABEL_MODES:
+        raise ValueError(f"eval.labels={mode!r} is invalid: expected one of {list(LABEL_MODES)}")
+    if mode == "uniform" or not num_classes:
+        return None
+    if datamodule is None or not hasattr(datamodule, "base_dataset"):
+        raise ValueError("eval.labels='data' needs the run's data module (base_dataset())")
+    dataset = datamodule.base_dataset()
+    labels = getattr(dataset, "labels", None)
+    if labels is None:  # a dataset without a label tensor: read the labels item by item
+        labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+    counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes)
+    return counts[:num_classes].double() / counts[:num_classes].sum()
+
 
 @torch.no_grad()
 def feature_stats(
@@ -64,13 +87,19 @@ def reference_stats(
 def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[str, Any]:
     """FD of the teacher (``eval.teacher_nfes``) and the EMA student (``eval.student_nfes``).
 
-    Prints a rich table and the machine-readable last line
-    ``fd_teacher_nfe35=… fd_teacher_nfe2=… fd_student_nfe1=… fd_student_nfe2=…``.
+    The teacher (for ``pretrain``: the model) is scored at each NFE on every grid of
+    ``eval.teacher_grids`` (``fd_teacher_nfe2_t_mid``, ...) and reported with the best one:
+    ``fd_teacher_nfe<k>`` and ``teacher_grid_nfe<k>``. A class-conditional model samples with
+    labels from :func:`sampling.draw_class_labels` (``eval.labels``), a guidance-conditioned
+    student at ``eval.guidance``. Prints a rich table and the machine-readable last line
+    ``fd_teacher_nfe35=… fd_teacher_nfe2=… fd_student_nfe1=… fd_student_nfe2=…
+    teacher_grid_nfe35=… teacher_grid_nfe2=…``.
     """
     from rich.console import Console
     from rich.table import Table
 
     from scm_lightning.callbacks.samples import ema_weights
+    from scm_lightning.sampling import draw_class_labels, teacher_sampler_name
 
     ev = cfg.eval
     if int(ev.num_samples) == 0:
@@ -87,33 +116,71 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         "num_samples": n,
         "feature": str(getattr(feature_net, "feature_id", "")),
     }
+    num_classes = module.student.num_classes
+    probs = class_label_probs(str(ev.get("labels", "uniform")), dm, num_classes)
+    grids = [str(g) for g in ev.get("teacher_grids", ["edm"])]
+    rows: list[tuple[str, str, float]] = []  # (key, sampler, FD) for the table
+    headline: list[str] = []  # result keys of the last line: best FD per model and NFE
 
-    def fd(sampler: Sampler) -> float:
+    def fd(sample: Callable[[int, torch.Generator, Tensor | None], Tensor]) -> float:
+        def sampler(k: int, g: torch.Generator) -> Tensor:  # labels first, from the same RNG
+            return sample(k, g, draw_class_labels(k, num_classes, g, probs, device))
+
         return frechet_distance_from_stats(
             sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats
         )
 
+    def best_of_grids(name: str, nfe: int, sample_on: Callable[..., Tensor]) -> None:
+        for grid in grids:
+            value = fd(lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid))
+            results[f"fd_{name}_nfe{nfe}_{grid}"] = value
+            rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))
+        best = min(grids, key=lambda grid: results[f"fd_{name}_nfe{nfe}_{grid}"])
+        results[f"fd_{name}_nfe{nfe}"] = results[f"fd_{name}_nfe{nfe}_{best}"]
+        results[f"{name}_grid_nfe{nfe}"] = best
+        headline.append(f"fd_{name}_nfe{nfe}")
+
     teacher = getattr(module, "teacher", None)
     for nfe in ev.get("teacher_nfes", []) if teacher is not None else []:
-        results[f"fd_teacher_nfe{nfe}"] = fd(
-            lambda k, g, nfe=nfe: module.teacher_sample(k, nfe=int(nfe), generator=g)
+        best_of_grids(
+            "teacher",
+            int(nfe),
+            lambda k, g, lab, grid, nfe=int(nfe): module.teacher_sample(
+                k, nfe=nfe, generator=g, class_labels=lab, grid=grid
+            ),
         )
     with ema_weights(trainer, module) as profile:
         results["ema_profile"] = profile
-        nfes = ev.get("student_nfes", []) if teacher is not None else ev.get("teacher_nfes", [])
-        name = "student" if teacher is not None else "model"
-        for nfe in nfes:
-            results[f"fd_{name}_nfe{nfe}"] = fd(
-                lambda k, g, nfe=nfe: module.sample(k, nfe=int(nfe), generator=g)
-            )
+        if teacher is not None:
+            for nfe in ev.get("student_nfes", []):
+                key = f"fd_student_nfe{nfe}"
+                results[key] = fd(
+                    lambda k, g, lab, nfe=int(nfe): module.sample(
+                        k, nfe=nfe, generator=g, class_labels=lab
+                    )
+                )
+                rows.append((f"student_nfe{nfe}", "consistency", results[key]))
+                headline.append(key)
+        else:  # pretrain: the model being trained is a teacher, scored like one
+            for nfe in ev.get("teacher_nfes", []):
+                best_of_grids(
+                    "model",
+                    int(nfe),
+                    lambda k, g, lab, grid, nfe=int(nfe): module.sample(
+                        k, nfe=nfe, generator=g, class_labels=lab, grid=grid
+                    ),
+                )
 
     table = Table(title=f"Fréchet distance ({results['feature']}, {n} samples; lower is better)")
     table.add_column("model @ NFE")
+    table.add_column("sampler/grid")
     table.add_column("FD", justify="right")
-    figures = {k: v for k, v in results.items() if k.startswith("fd_")}
-    for key, value in figures.items():
-        table.add_row(key.removeprefix("fd_"), f"{value:.4f}")
+    for key, sampler_name, value in rows:
+        best = results.get(key.replace("_nfe", "_grid_nfe")) == sampler_name.split("/")[-1]
+        table.add_row(key, sampler_name + (" (best)" if best else ""), f"{value:.4f}")
     console = Console()
     console.print(table)
-    print(" ".join(f"{k}={v:.4f}" for k, v in figures.items()), flush=True)
+    figures = [f"{k}={results[k]:.4f}" for k in headline]
+    grid_names = [f"{k}={v}" for k, v in results.items() if "_grid_nfe" in k]
+    print(" ".join(figures + grid_names), flush=True)
     return results
