@@ -14,11 +14,9 @@ from torch import Tensor, nn
 
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import FeatureStats, frechet_distance_from_stats
+from scm_lightning.sampling import LABEL_MODES
 
 Sampler = Callable[[int, torch.Generator], Tensor]
-
-# How evaluation draws class labels for a class-conditional model (`eval.labels`).
-LABEL_MODES = ("uniform", "data")
 
 
 def class_label_probs(mode: str, datamodule: Any, num_classes: int | None) -> Tensor | None:

@@ -37,6 +37,7 @@ from scm_lightning.trigflow import (
 Model = Callable[..., Tensor]
 
 __all__ = [
+    "LABEL_MODES",
     "TEACHER_GRIDS",
     "class_label_rows",
     "consistency_sample",
@@ -53,6 +54,9 @@ __all__ = [
 
 # The teacher's standard PF-ODE time grids (all end at t = 0), see :func:`teacher_time_grid`.
 TEACHER_GRIDS = ("edm", "uniform", "t_mid")
+# How evaluation draws class labels (`eval.labels`): uniform over classes, or the training
+# labels' frequencies (evaluation.class_label_probs); see :func:`draw_class_labels`.
+LABEL_MODES = ("uniform", "data")
 
 
 def _call(

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from scm_lightning.config import ConfigError
 from scm_lightning.metrics.quality import kernel_inception_distance, precision_recall
+from scm_lightning.sampling import teacher_sampler_name
 
 REQUIRED = "???"
 COMMON = {"ckpt": REQUIRED, "ema": None, "device": "auto"}
@@ -47,6 +48,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "out": None,  # default: <run dir>/eval
         "nfes": None,  # default: the run's eval.student_nfes
         "teacher_nfes": None,  # default: the run's eval.teacher_nfes
+        "teacher_grids": None,  # default: the run's eval.teacher_grids (best one reported)
         "num_samples": None,
         "batch_size": None,
         "seed": None,
@@ -110,13 +112,14 @@ def _device(opts: dict[str, Any]) -> torch.device:
 
 
 def _labels(value: Any, num: int, num_classes: int | None) -> Tensor | None:
-    """Labels ``(num,)``: given (one or ``num``), else ``arange(num) % num_classes``."""
+    """Labels ``(num,)`` given as one or ``num`` integers; None: drawn while sampling
+    (:func:`sampling.draw_class_labels`, like every evaluation path)."""
     if not num_classes:
         if value is not None:
             raise ConfigError(f"labels={value!r} given but the model is unconditional")
         return None
     if value is None:
-        return torch.arange(num) % num_classes
+        return None
     items = value if isinstance(value, list) else [value]
     if any(
         isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= num_classes for v in items
@@ -129,8 +132,11 @@ def _labels(value: Any, num: int, num_classes: int | None) -> Tensor | None:
 
 
 # --- sampling ------------------------------------------------------------------------------
-def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., Tensor]:
-    """``sampler(n, generator, labels) -> (n, C, H, W)`` for the module's (EMA) student."""
+def make_sampler(
+    module: Any, opts: dict[str, Any], nfe: int, grid: str = "edm"
+) -> Callable[..., Tensor]:
+    """``sampler(n, generator, labels) -> (n, C, H, W)`` for the module's (EMA) student
+    (a pretrain checkpoint's model: PF-ODE on the teacher time grid ``grid``)."""
     from scm_lightning.export import network_adapter
     from scm_lightning.modules import DistillationModule
 
@@ -140,13 +146,14 @@ def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., T
                 raise ConfigError(
                     f"{key}= applies to consistency students; this is a pretrain checkpoint"
                 )
-        return lambda n, g, labels: module.sample(n, nfe=nfe, generator=g, class_labels=labels)
+        return lambda n, g, labels: module.sample(
+            n, nfe=nfe, generator=g, class_labels=labels, grid=grid
+        )
     guidance = opts.get("guidance")
     accepts = bool(getattr(network_adapter(module), "accepts_guidance", False))
     if guidance is not None and not accepts:
         raise ConfigError(f"guidance={guidance} given but the student has no guidance input")
-    if accepts and guidance is None:
-        guidance = 1.0  # s = 1: no guidance
+    # guidance=None: the module's eval_guidance (the run's eval.guidance, s = 1 by default)
     times = opts.get("times")
     t_mid = opts.get("t_mid")
 
@@ -165,16 +172,39 @@ def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., T
 
 
 def _batched(
-    sampler: Callable[..., Tensor], num: int, batch: int, seed: int, labels, device
-) -> Tensor:
-    """``num`` samples in chunks of ``batch`` from one generator seeded ``seed`` (CPU result)."""
+    sampler: Callable[..., Tensor],
+    num: int,
+    batch: int,
+    seed: int,
+    labels: Tensor | None,
+    device: torch.device,
+    num_classes: int | None = None,
+    class_probs: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``num`` samples in chunks of ``batch`` from one generator seeded ``seed`` (CPU result)
+    and their labels: ``labels``, else (conditional model) drawn per chunk from the same
+    generator by :func:`sampling.draw_class_labels`, as ``fit``'s final evaluation does."""
+    from scm_lightning.sampling import draw_class_labels
+
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = []
+    out, used = [], []
     for start in range(0, num, batch):
         n = min(batch, num - start)
-        lab = None if labels is None else labels[start : start + n].to(device)
+        if labels is not None:
+            lab = labels[start : start + n].to(device)
+        else:
+            lab = draw_class_labels(n, num_classes, gen, class_probs, device)
         out.append(sampler(n, gen, lab).float().cpu())
-    return torch.cat(out)
+        if lab is not None:
+            used.append(lab.cpu())
+    return torch.cat(out), (torch.cat(used) if used else None)
+
+
+def _label_probs(cfg: Any, dm: Any, num_classes: int | None) -> Tensor | None:
+    """The run's ``eval.labels`` distribution (uniform for runs from before the key)."""
+    from scm_lightning.evaluation import class_label_probs
+
+    return class_label_probs(str(cfg.eval.get("labels", "uniform")), dm, num_classes)
 
 
 def _check_times(opts: dict[str, Any]) -> int:
@@ -215,12 +245,14 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 
         ckpt = load_checkpoint(ckpt_path)
         profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
-        module, _, _ = rebuild_module(ckpt)
+        module, cfg, dm = rebuild_module(ckpt)
         module.to(device)
-        labels = _labels(opts["labels"], num, module.student.num_classes)
+        num_classes = module.student.num_classes
+        labels = _labels(opts["labels"], num, num_classes)
         sampler = make_sampler(module, opts, nfe)
+        probs = _label_probs(cfg, dm, num_classes)
         with ema_swapped(module, ckpt, profile):
-            images = _batched(sampler, num, batch, seed, labels, device)
+            images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes, probs)
         info = {"ema_profile": profile, "global_step": int(ckpt.get("global_step", 0))}
     out = Path(str(opts["out"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +278,8 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
         )
     pipe = SCMPipeline.from_pretrained(folder, low_cpu_mem_usage=False).to(device)
     pipe.set_progress_bar_config(disable=True)
-    labels = _labels(opts["labels"], num, pipe.adapter.num_classes)
+    num_classes = pipe.adapter.num_classes
+    labels = _labels(opts["labels"], num, num_classes)
     times = opts["times"]
 
     def sampler(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
@@ -261,7 +294,7 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
             output_type="latent",
         ).images
 
-    images = _batched(sampler, num, batch, seed, labels, device)
+    images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes)
     return (
         images,
         labels,
@@ -369,12 +402,14 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     module.to(device)
     ref_images = dm.reference_images(num)
     ref = _features(feature_net, ref_images, batch, device)
-    labels = _labels(None, num, module.student.num_classes)
+    num_classes = module.student.num_classes
+    probs = _label_probs(cfg, dm, num_classes)
+    grids = _teacher_grids(opts, cfg)
 
     rows: list[dict[str, Any]] = []
 
     def score(model: str, sampler_name: str, nfe: int, sampler: Callable[..., Tensor]) -> None:
-        images = _batched(sampler, num, batch, seed, labels, device)
+        images, _ = _batched(sampler, num, batch, seed, None, device, num_classes, probs)
         rows.append(
             {
                 "model": model,
@@ -386,19 +421,34 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
 
     distill = isinstance(module, DistillationModule)
     if distill:
-        for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
-            score(
-                "teacher",
-                _pf_ode_name(nfe),
-                nfe,
-                lambda n, g, lab, nfe=nfe: module.teacher_sample(
-                    n, nfe=nfe, generator=g, class_labels=lab
-                ),
+        if opts.get("guidance") is not None and not module.student_takes_guidance:
+            raise ConfigError(
+                f"guidance={opts['guidance']} given but the student has no guidance input"
             )
+        for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
+            for grid in grids:
+                score(
+                    "teacher",
+                    teacher_sampler_name(nfe, grid),
+                    nfe,
+                    lambda n, g, lab, nfe=nfe, grid=grid: module.teacher_sample(
+                        n,
+                        nfe=nfe,
+                        generator=g,
+                        class_labels=lab,
+                        grid=grid,
+                        guidance=opts.get("guidance"),
+                    ),
+                )
     with ema_swapped(module, ckpt, profile):
         for nfe in student_nfes if distill else teacher_nfes:
-            name = "consistency" if distill else _pf_ode_name(nfe)
-            score("student" if distill else "model", name, nfe, make_sampler(module, opts, nfe))
+            if distill:
+                score("student", "consistency", nfe, make_sampler(module, opts, nfe))
+                continue
+            for grid in grids:  # a pretrain checkpoint: the model is a teacher
+                sampler = make_sampler(module, opts, nfe, grid)
+                score("model", teacher_sampler_name(nfe, grid), nfe, sampler)
+    best = _mark_best_grids(rows)
 
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else None
     out = (
@@ -427,6 +477,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
         "pr_k": opts["pr_k"],
         "kid_subsets": opts["kid_subsets"],
         "results": rows,
+        "best_grid": best,
         "fid_history_plot": plot,
     }
     path = out / "evaluation.json"
@@ -437,7 +488,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     for r in rows:
         table.add_row(
             r["model"],
-            r["sampler"],
+            r["sampler"] + (" (best)" if r["best"] and r["sampler"] != "consistency" else ""),
             str(r["nfe"]),
             f"{r['fd']:.4f}",
             f"{r['kid']:.5f} ± {r['kid_std']:.5f}",
@@ -449,9 +500,36 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _pf_ode_name(nfe: int) -> str:
-    # sampling.teacher_sample: Heun for odd NFE ((nfe + 1)/2 steps), first-order DDIM for even.
-    return "heun" if nfe % 2 == 1 else "ddim"
+def _teacher_grids(opts: dict[str, Any], cfg: Any) -> list[str]:
+    """``teacher_grids`` option, else the run's ``eval.teacher_grids`` (all for older runs)."""
+    from scm_lightning.sampling import TEACHER_GRIDS
+
+    value = opts["teacher_grids"]
+    if value is None:
+        value = list(cfg.eval.get("teacher_grids", TEACHER_GRIDS))
+    items = value if isinstance(value, list) else [value]
+    if not items or any(g not in TEACHER_GRIDS for g in items):
+        raise ConfigError(
+            f"teacher_grids={value!r} is invalid: expected a non-empty list of "
+            f"{list(TEACHER_GRIDS)}"
+        )
+    return [str(g) for g in items]
+
+
+def _mark_best_grids(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Flag the lowest-FD grid of each PF-ODE (teacher/model) NFE: ``row["best"]``, and return
+    ``{"teacher_nfe2": {"sampler": "ddim/t_mid", "fd": ...}, ...}``."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["sampler"] == "consistency":
+            continue
+        key = f"{row['model']}_nfe{row['nfe']}"
+        if key not in best or row["fd"] < best[key]["fd"]:
+            best[key] = {"sampler": row["sampler"], "fd": row["fd"]}
+    for row in rows:
+        key = f"{row['model']}_nfe{row['nfe']}"
+        row["best"] = key in best and best[key]["sampler"] == row["sampler"]
+    return best
 
 
 def main(task: str, overrides: list[str], print_cfg: bool = False) -> int:
