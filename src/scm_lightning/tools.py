@@ -9,6 +9,14 @@ Metrics of ``evaluate`` (all on the features of ``feature``, default the run's `
 FD (Fréchet distance, :mod:`metrics.frechet`), KID (Bińkowski et al. 2018: unbiased MMD² with
 the cubic kernel ``k(x, y) = (xᵀy/d + 1)³``, mean ± std over random subsets) and k-NN
 precision/recall (Kynkäänniemi et al. 2019, k = 3).
+
+Class-conditional models sample with labels drawn per batch from the sampling RNG by
+:func:`sampling.draw_class_labels` (the run's ``eval.labels``: uniform or the data's label
+frequencies), as ``fit``'s final evaluation, the FID callback and the sample grids do
+(``sample labels=...`` fixes them instead). A guidance-conditioned student samples at
+``guidance=`` or the run's ``eval.guidance`` (s = 1 by default). ``evaluate`` scores the
+teacher on each grid of ``teacher_grids`` (default: the run's ``eval.teacher_grids``) and
+marks the best one per NFE.
 """
 
 from __future__ import annotations
