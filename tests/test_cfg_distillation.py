@@ -56,8 +56,8 @@ def cfg_module(eval_guidance: float = 1.0, live_embedding: bool = True) -> Disti
         guidance_scale_range=(1.0, 2.0),
         uncond_label=K,
         jvp_attention=False,
-        eval_guidance=eval_guidance,
     )
+    module.eval_guidance = eval_guidance  # (training.build_distillation: eval.guidance)
     if live_embedding:  # as after training: s changes the output (it is zero at init)
         torch.manual_seed(1)
         for p in module.student.net.guidance_embedding.parameters():
