@@ -101,6 +101,8 @@ class GridDependentTeacher(nn.Module):
         self.device = torch.device("cpu")
 
     def teacher_sample(self, n: int, nfe: int, generator, class_labels=None, grid="edm"):
+        if hasattr(self, "calls"):
+            self.calls.append(grid)
         idx = torch.randint(len(self.real), (n,), generator=generator)
         noise = torch.rand((n, 1, 8, 8), generator=generator) * 2 - 1
         return self.real[idx] if grid == "t_mid" else noise
@@ -124,3 +126,8 @@ def test_final_quality_reports_the_best_grid_and_names_it(capsys) -> None:
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("fd_teacher_nfe2=") and "teacher_grid_nfe2=t_mid" in last
     assert "fd_teacher_nfe2_edm" not in last  # the headline line holds the best figures
+    module.calls = []
+    cfg.eval.teacher_nfes = [1]  # one NFE: every grid is [t_max, 0], scored once
+    results = final_quality(cfg, module, dm, SimpleNamespace(callbacks=[]))
+    assert module.calls == ["edm"] and results["teacher_grid_nfe1"] == "edm"
+    assert "fd_teacher_nfe1_uniform" not in results

@@ -129,11 +129,12 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         )
 
     def best_of_grids(name: str, nfe: int, sample_on: Callable[..., Tensor]) -> None:
-        for grid in grids:
+        for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
             value = fd(lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid))
             results[f"fd_{name}_nfe{nfe}_{grid}"] = value
             rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))
-        best = min(grids, key=lambda grid: results[f"fd_{name}_nfe{nfe}_{grid}"])
+        scored = [g for g in grids if f"fd_{name}_nfe{nfe}_{g}" in results]
+        best = min(scored, key=lambda grid: results[f"fd_{name}_nfe{nfe}_{grid}"])
         results[f"fd_{name}_nfe{nfe}"] = results[f"fd_{name}_nfe{nfe}_{best}"]
         results[f"{name}_grid_nfe{nfe}"] = best
         headline.append(f"fd_{name}_nfe{nfe}")

@@ -434,7 +434,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
                 f"guidance={opts['guidance']} given but the student has no guidance input"
             )
         for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
-            for grid in grids:
+            for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
                 score(
                     "teacher",
                     teacher_sampler_name(nfe, grid),
@@ -453,7 +453,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
             if distill:
                 score("student", "consistency", nfe, make_sampler(module, opts, nfe))
                 continue
-            for grid in grids:  # a pretrain checkpoint: the model is a teacher
+            for grid in grids if nfe > 1 else grids[:1]:  # a pretrain run's model is a teacher
                 sampler = make_sampler(module, opts, nfe, grid)
                 score("model", teacher_sampler_name(nfe, grid), nfe, sampler)
     best = _mark_best_grids(rows)
