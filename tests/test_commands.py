@@ -206,9 +206,18 @@ def test_evaluate_writes_json_and_history_plot(run_paths: dict[str, Path], tmp_p
     ]
     assert commands.main("evaluate", args) == 0
     result = json.loads((out / "evaluation.json").read_text())
-    rows = {(r["model"], r["nfe"]): r for r in result["results"]}
-    assert set(rows) == {("student", 1), ("student", 2), ("teacher", 3), ("teacher", 2)}
-    assert rows[("teacher", 3)]["sampler"] == "heun" and rows[("teacher", 2)]["sampler"] == "ddim"
+    rows = {(r["model"], r["nfe"], r["sampler"]): r for r in result["results"]}
+    grids = ("edm", "uniform", "t_mid")  # the run's eval.teacher_grids
+    assert set(rows) == {("student", 1, "consistency"), ("student", 2, "consistency")} | {
+        ("teacher", nfe, f"{solver}/{grid}") for nfe, solver in ((3, "heun"), (2, "ddim"))
+        for grid in grids
+    }  # fmt: skip
+    for nfe in (3, 2):  # the best grid is the one with the lowest FD, and it is named
+        teacher = [r for r in result["results"] if r["model"] == "teacher" and r["nfe"] == nfe]
+        best = min(teacher, key=lambda r: r["fd"])
+        assert result["best_grid"][f"teacher_nfe{nfe}"] == {"sampler": best["sampler"],
+                                                            "fd": best["fd"]}  # fmt: skip
+        assert [r["sampler"] for r in teacher if r["best"]] == [best["sampler"]]
     for r in rows.values():
         assert r["fd"] > 0 and np.isfinite(r["kid"]) and 0 <= r["precision"] <= 1
         assert 0 <= r["recall"] <= 1
@@ -232,7 +241,7 @@ def test_evaluate_writes_json_and_history_plot(run_paths: dict[str, Path], tmp_p
         net,
         torch.device("cpu"),
     )
-    assert rows[("teacher", 3)]["fd"] == pytest.approx(
+    assert rows[("teacher", 3, "heun/edm")]["fd"] == pytest.approx(
         frechet_distance_from_stats(gen, ref), rel=1e-9
     )
     # the FID history of the run (FID at steps 1 and 2) is plotted

@@ -9,6 +9,14 @@ ones. ``ckpt`` is a Lightning checkpoint of ``fit``/``pretrain`` (read by
 Metrics of ``evaluate`` (all on the features of ``feature``, default the run's ``eval.feature``
 with ``eval.feature_weights``): FD (Fréchet distance, :mod:`metrics.frechet`), KID and k-NN
 precision/recall (torch-fidelity, through :mod:`metrics.quality`).
+
+Class-conditional models sample with labels drawn per batch from the sampling RNG by
+:func:`sampling.draw_class_labels` (the run's ``eval.labels``: uniform or the data's label
+frequencies), as ``fit``'s final evaluation, the FID callback and the sample grids do
+(``sample labels=...`` fixes them instead). A guidance-conditioned student samples at
+``guidance=`` or the run's ``eval.guidance`` (s = 1 by default). ``evaluate`` scores the
+teacher on each grid of ``teacher_grids`` (default: the run's ``eval.teacher_grids``) and
+marks the best one per NFE.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from torch import Tensor
 
 from scm_lightning.config import ConfigError, feature_problem
 from scm_lightning.metrics.quality import kernel_inception_distance, precision_recall
+from scm_lightning.sampling import teacher_sampler_name
 
 REQUIRED = "???"
 COMMON = {"ckpt": REQUIRED, "ema": None, "device": "auto"}
@@ -47,6 +56,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "out": None,  # default: <run dir>/eval
         "nfes": None,  # default: the run's eval.student_nfes
         "teacher_nfes": None,  # default: the run's eval.teacher_nfes
+        "teacher_grids": None,  # default: the run's eval.teacher_grids (best one reported)
         "num_samples": None,
         "batch_size": None,
         "seed": None,
@@ -112,13 +122,14 @@ def _device(opts: dict[str, Any]) -> torch.device:
 
 
 def _labels(value: Any, num: int, num_classes: int | None) -> Tensor | None:
-    """Labels ``(num,)``: given (one or ``num``), else ``arange(num) % num_classes``."""
+    """Labels ``(num,)`` given as one or ``num`` integers; None: drawn while sampling
+    (:func:`sampling.draw_class_labels`, like every evaluation path)."""
     if not num_classes:
         if value is not None:
             raise ConfigError(f"labels={value!r} given but the model is unconditional")
         return None
     if value is None:
-        return torch.arange(num) % num_classes
+        return None
     items = value if isinstance(value, list) else [value]
     if any(
         isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= num_classes for v in items
@@ -131,8 +142,11 @@ def _labels(value: Any, num: int, num_classes: int | None) -> Tensor | None:
 
 
 # --- sampling ------------------------------------------------------------------------------
-def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., Tensor]:
-    """``sampler(n, generator, labels) -> (n, C, H, W)`` for the module's (EMA) student."""
+def make_sampler(
+    module: Any, opts: dict[str, Any], nfe: int, grid: str = "edm"
+) -> Callable[..., Tensor]:
+    """``sampler(n, generator, labels) -> (n, C, H, W)`` for the module's (EMA) student
+    (a pretrain checkpoint's model: PF-ODE on the teacher time grid ``grid``)."""
     from scm_lightning.export import network_adapter
     from scm_lightning.modules import DistillationModule
 
@@ -142,13 +156,14 @@ def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., T
                 raise ConfigError(
                     f"{key}= applies to consistency students; this is a pretrain checkpoint"
                 )
-        return lambda n, g, labels: module.sample(n, nfe=nfe, generator=g, class_labels=labels)
+        return lambda n, g, labels: module.sample(
+            n, nfe=nfe, generator=g, class_labels=labels, grid=grid
+        )
     guidance = opts.get("guidance")
     accepts = bool(getattr(network_adapter(module), "accepts_guidance", False))
     if guidance is not None and not accepts:
         raise ConfigError(f"guidance={guidance} given but the student has no guidance input")
-    if accepts and guidance is None:
-        guidance = 1.0  # s = 1: no guidance
+    # guidance=None: the module's eval_guidance (the run's eval.guidance, s = 1 by default)
     times = opts.get("times")
     t_mid = opts.get("t_mid")
 
@@ -167,16 +182,39 @@ def make_sampler(module: Any, opts: dict[str, Any], nfe: int) -> Callable[..., T
 
 
 def _batched(
-    sampler: Callable[..., Tensor], num: int, batch: int, seed: int, labels, device
-) -> Tensor:
-    """``num`` samples in chunks of ``batch`` from one generator seeded ``seed`` (CPU result)."""
+    sampler: Callable[..., Tensor],
+    num: int,
+    batch: int,
+    seed: int,
+    labels: Tensor | None,
+    device: torch.device,
+    num_classes: int | None = None,
+    class_probs: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``num`` samples in chunks of ``batch`` from one generator seeded ``seed`` (CPU result)
+    and their labels: ``labels``, else (conditional model) drawn per chunk from the same
+    generator by :func:`sampling.draw_class_labels`, as ``fit``'s final evaluation does."""
+    from scm_lightning.sampling import draw_class_labels
+
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    out = []
+    out, used = [], []
     for start in range(0, num, batch):
         n = min(batch, num - start)
-        lab = None if labels is None else labels[start : start + n].to(device)
+        if labels is not None:
+            lab = labels[start : start + n].to(device)
+        else:
+            lab = draw_class_labels(n, num_classes, gen, class_probs, device)
         out.append(sampler(n, gen, lab).float().cpu())
-    return torch.cat(out)
+        if lab is not None:
+            used.append(lab.cpu())
+    return torch.cat(out), (torch.cat(used) if used else None)
+
+
+def _label_probs(cfg: Any, dm: Any, num_classes: int | None) -> Tensor | None:
+    """The run's ``eval.labels`` distribution (uniform for runs from before the key)."""
+    from scm_lightning.data.base import class_label_probs
+
+    return class_label_probs(str(cfg.eval.get("labels", "uniform")), dm, num_classes)
 
 
 def _check_times(opts: dict[str, Any]) -> int:
@@ -214,12 +252,14 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 
         ckpt = load_checkpoint(ckpt_path)
         profile = resolve_profile(ckpt, opts["ema"], str(ckpt_path))
-        module, _, _ = rebuild_module(ckpt, with_teacher=False)
+        module, cfg, dm = rebuild_module(ckpt, with_teacher=False)
         module.to(device)
-        labels = _labels(opts["labels"], num, module.student.num_classes)
+        num_classes = module.student.num_classes
+        labels = _labels(opts["labels"], num, num_classes)
         sampler = make_sampler(module, opts, nfe)
+        probs = _label_probs(cfg, dm, num_classes)
         with ema_swapped(module, ckpt, profile):
-            images = _batched(sampler, num, batch, seed, labels, device)
+            images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes, probs)
         info = {"ema_profile": profile, "global_step": int(ckpt.get("global_step", 0))}
     out = Path(str(opts["out"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -235,9 +275,10 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
 def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
     pipe = _load_folder(folder, opts)
     pipe.to(device)
-    labels = _labels(opts["labels"], num, pipe.num_classes)
+    num_classes = pipe.num_classes
+    labels = _labels(opts["labels"], num, num_classes)
     sampler = _folder_sampler(pipe, opts, nfe)
-    images = _batched(sampler, num, batch, seed, labels, device)
+    images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes)
     return (
         images,
         labels,
@@ -384,12 +425,13 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     feature_net = _feature_net(opts, cfg, device)
     ref_images = dm.reference_images(num)
     ref = _features(feature_net, ref_images, batch, device)
-    labels = _labels(None, num, num_classes)
+    probs = _label_probs(cfg, dm, num_classes)
+    grids = _teacher_grids(opts, cfg)
 
     rows: list[dict[str, Any]] = []
 
     def score(model: str, sampler_name: str, nfe: int, sampler: Callable[..., Tensor]) -> None:
-        images = _batched(sampler, num, batch, seed, labels, device)
+        images, _ = _batched(sampler, num, batch, seed, None, device, num_classes, probs)
         rows.append(
             {
                 "model": model,
@@ -400,23 +442,37 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
         )
 
     if distill:
+        takes_guidance = (
+            pipe.accepts_guidance if pipe is not None else module.student_takes_guidance
+        )
+        if opts.get("guidance") is not None and not takes_guidance:
+            raise ConfigError(
+                f"guidance={opts['guidance']} given but the student has no guidance input"
+            )
         teacher_sample = _teacher_sampler(module, cfg, device) if teacher_nfes else None
         for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
-            score(
-                "teacher",
-                _pf_ode_name(nfe),
-                nfe,
-                lambda n, g, lab, nfe=nfe: teacher_sample(n, nfe, g, lab),
-            )
+            for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
+                score(
+                    "teacher",
+                    teacher_sampler_name(nfe, grid),
+                    nfe,
+                    lambda n, g, lab, nfe=nfe, grid=grid: teacher_sample(
+                        n, nfe, g, lab, grid, opts.get("guidance")
+                    ),
+                )
     if pipe is not None:
         for nfe in student_nfes:
             score("student", "consistency", nfe, _folder_sampler(pipe, opts, nfe))
     else:
         with ema_swapped(module, ckpt, profile):
             for nfe in student_nfes if distill else teacher_nfes:
-                name = "consistency" if distill else _pf_ode_name(nfe)
-                sampler = make_sampler(module, opts, nfe)
-                score("student" if distill else "model", name, nfe, sampler)
+                if distill:
+                    score("student", "consistency", nfe, make_sampler(module, opts, nfe))
+                    continue
+                for grid in grids if nfe > 1 else grids[:1]:  # a pretrain model is a teacher
+                    sampler = make_sampler(module, opts, nfe, grid)
+                    score("model", teacher_sampler_name(nfe, grid), nfe, sampler)
+    best = _mark_best_grids(rows)
 
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else None
     if opts["out"] is not None:
@@ -446,6 +502,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
         "pr_k": opts["pr_k"],
         "kid_subsets": opts["kid_subsets"],
         "results": rows,
+        "best_grid": best,
         "fid_history_plot": plot,
     }
     path = out / "evaluation.json"
@@ -456,7 +513,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     for r in rows:
         table.add_row(
             r["model"],
-            r["sampler"],
+            r["sampler"] + (" (best)" if r["best"] and r["sampler"] != "consistency" else ""),
             str(r["nfe"]),
             f"{r['fd']:.4f}",
             f"{r['kid']:.5f} ± {r['kid_std']:.5f}",
@@ -500,29 +557,64 @@ def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., 
 
 
 def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..., Tensor]:
-    """``sample(n, nfe, generator, labels)``: the run's teacher on the PF-ODE (rebuilt from its
-    config when ``module`` is None, i.e. for an exported folder)."""
+    """``sample(n, nfe, generator, labels, grid, guidance)``: the run's teacher on the PF-ODE
+    (rebuilt from its config when ``module`` is None, i.e. for an exported folder)."""
     if module is not None:
-        return lambda n, nfe, g, lab: module.teacher_sample(
-            n, nfe=nfe, generator=g, class_labels=lab
+        return lambda n, nfe, g, lab, grid, guidance: module.teacher_sample(
+            n, nfe=nfe, generator=g, class_labels=lab, grid=grid, guidance=guidance
         )
     from scm_lightning import sampling
+    from scm_lightning.teachers.guidance import GuidedTeacher
     from scm_lightning.training import build_datamodule, build_teacher, image_shape
 
     teacher = build_teacher(cfg.teacher).to(device)
     shape = image_shape(build_datamodule(cfg))
     sd = teacher.sigma_data
+    default_guidance = float(cfg.eval.get("guidance", 1.0))
 
-    def sample(n: int, nfe: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
+    def sample(n, nfe, g, lab, grid, guidance):  # as DistillationModule.teacher_sample
+        model: Any = teacher
+        s = default_guidance if guidance is None else float(guidance)
+        if cfg.student.get("guidance_scale_range") is not None and s != 1.0:
+            model = GuidedTeacher(teacher, s, int(cfg.student.uncond_label))
         noise = sd * torch.randn((n, *shape), generator=g, device=device)  # = module.noise
-        return sampling.teacher_sample(teacher, noise, sd, nfe, lab)
+        return sampling.teacher_sample(
+            model, noise, sd, nfe, lab, grid=grid, t_mid=float(cfg.loss.t_mid)
+        )
 
     return sample
 
 
-def _pf_ode_name(nfe: int) -> str:
-    # sampling.teacher_sample: Heun for odd NFE ((nfe + 1)/2 steps), first-order DDIM for even.
-    return "heun" if nfe % 2 == 1 else "ddim"
+def _teacher_grids(opts: dict[str, Any], cfg: Any) -> list[str]:
+    """``teacher_grids`` option, else the run's ``eval.teacher_grids`` (all for older runs)."""
+    from scm_lightning.sampling import TEACHER_GRIDS
+
+    value = opts["teacher_grids"]
+    if value is None:
+        value = list(cfg.eval.get("teacher_grids", TEACHER_GRIDS))
+    items = value if isinstance(value, list) else [value]
+    if not items or any(g not in TEACHER_GRIDS for g in items):
+        raise ConfigError(
+            f"teacher_grids={value!r} is invalid: expected a non-empty list of "
+            f"{list(TEACHER_GRIDS)}"
+        )
+    return [str(g) for g in items]
+
+
+def _mark_best_grids(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Flag the lowest-FD grid of each PF-ODE (teacher/model) NFE: ``row["best"]``, and return
+    ``{"teacher_nfe2": {"sampler": "ddim/t_mid", "fd": ...}, ...}``."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["sampler"] == "consistency":
+            continue
+        key = f"{row['model']}_nfe{row['nfe']}"
+        if key not in best or row["fd"] < best[key]["fd"]:
+            best[key] = {"sampler": row["sampler"], "fd": row["fd"]}
+    for row in rows:
+        key = f"{row['model']}_nfe{row['nfe']}"
+        row["best"] = key in best and best[key]["sampler"] == row["sampler"]
+    return best
 
 
 def export_checkpoint(

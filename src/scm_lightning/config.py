@@ -365,6 +365,60 @@ def _validate_student(cfg: DictConfig) -> None:
         )
 
 
+def _validate_guidance(cfg: DictConfig) -> None:
+    """CFG distillation needs all of: a scale range, a student guidance input, the teacher's
+    null label and a teacher (sCD). Any one without the others would crash mid-run."""
+    rng = _get(cfg, "student.guidance_scale_range")
+    embedding = _get(cfg, "student.guidance_embedding")
+    if rng is None:
+        _check(
+            not embedding,
+            "student.guidance_embedding",
+            embedding,
+            "false without student.guidance_scale_range (the scales s to train the input on; "
+            "e.g. 'student.guidance_scale_range=[1,2]')",
+        )
+        return
+    _check(
+        bool(embedding),
+        "student.guidance_scale_range",
+        rng,
+        "null unless the student has a guidance input (set student.guidance_embedding=true)",
+    )
+    _check(
+        _get(cfg, "student.uncond_label") is not None,
+        "student.guidance_scale_range",
+        rng,
+        "null unless student.uncond_label names the teacher's null class (CFG's "
+        "unconditional branch; e.g. num_classes)",
+    )
+    _check(
+        _get(cfg, "loss.mode") == "scd",
+        "student.guidance_scale_range",
+        rng,
+        f"null with loss.mode={_get(cfg, 'loss.mode')!r}: CFG distillation needs a teacher's "
+        "guided velocity (loss.mode=scd)",
+    )
+
+
+def _validate_eval(cfg: DictConfig) -> None:
+    from scm_lightning.sampling import LABEL_MODES, TEACHER_GRIDS
+
+    ev = cfg.eval
+    if "guidance" in ev:
+        _num(cfg, "eval.guidance", 0)
+    if "labels" in ev:
+        _choice(cfg, "eval.labels", LABEL_MODES)
+    if "teacher_grids" in ev:
+        grids = _get(cfg, "eval.teacher_grids")
+        _check(
+            isinstance(grids, ListConfig) and len(grids) > 0 and set(grids) <= set(TEACHER_GRIDS),
+            "eval.teacher_grids",
+            grids,
+            f"a non-empty list of {list(TEACHER_GRIDS)}",
+        )
+
+
 def _validate_teacher(cfg: DictConfig) -> None:
     teacher = cfg.get("teacher")
     if teacher is None:
@@ -484,6 +538,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.task == "fit":
         _validate_loss(cfg)
         _validate_student(cfg)
+        _validate_guidance(cfg)
         _validate_teacher(cfg)
     else:
         _num(cfg, "sigma_data", 0, strict=True)
@@ -497,6 +552,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("student_nfes", "teacher_nfes"):
         if key in ev:
             _nfes(cfg, f"eval.{key}")
+    _validate_eval(cfg)
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is None:
             continue

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from scm_lightning.data.base import class_label_probs
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import (
     FeatureStats,
@@ -53,13 +54,19 @@ def reference_stats(
 def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[str, Any]:
     """FD of the teacher (``eval.teacher_nfes``) and the EMA student (``eval.student_nfes``).
 
-    Prints a rich table and the machine-readable last line
-    ``fd_teacher_nfe35=… fd_teacher_nfe2=… fd_student_nfe1=… fd_student_nfe2=…``.
+    The teacher (for ``pretrain``: the model) is scored at each NFE on every grid of
+    ``eval.teacher_grids`` (``fd_teacher_nfe2_t_mid``, ...) and reported with the best one:
+    ``fd_teacher_nfe<k>`` and ``teacher_grid_nfe<k>``. A class-conditional model samples with
+    labels from :func:`sampling.draw_class_labels` (``eval.labels``), a guidance-conditioned
+    student at ``eval.guidance``. Prints a rich table and the machine-readable last line
+    ``fd_teacher_nfe35=… fd_teacher_nfe2=… fd_student_nfe1=… fd_student_nfe2=…
+    teacher_grid_nfe35=… teacher_grid_nfe2=…``.
     """
     from rich.console import Console
     from rich.table import Table
 
     from scm_lightning.callbacks.samples import ema_weights
+    from scm_lightning.sampling import draw_class_labels, teacher_sampler_name
 
     ev = cfg.eval
     if int(ev.num_samples) == 0:
@@ -77,33 +84,72 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         "num_samples": n,
         "feature": str(getattr(feature_net, "feature_id", "")),
     }
+    num_classes = module.student.num_classes
+    probs = class_label_probs(str(ev.get("labels", "uniform")), dm, num_classes)
+    grids = [str(g) for g in ev.get("teacher_grids", ["edm"])]
+    rows: list[tuple[str, str, float]] = []  # (key, sampler, FD) for the table
+    headline: list[str] = []  # result keys of the last line: best FD per model and NFE
 
-    def fd(sampler: Sampler) -> float:
+    def fd(sample: Callable[[int, torch.Generator, Tensor | None], Tensor]) -> float:
+        def sampler(k: int, g: torch.Generator) -> Tensor:  # labels first, from the same RNG
+            return sample(k, g, draw_class_labels(k, num_classes, g, probs, device))
+
         return frechet_distance_from_stats(
             sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats
         )
 
+    def best_of_grids(name: str, nfe: int, sample_on: Callable[..., Tensor]) -> None:
+        for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
+            value = fd(lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid))
+            results[f"fd_{name}_nfe{nfe}_{grid}"] = value
+            rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))
+        scored = [g for g in grids if f"fd_{name}_nfe{nfe}_{g}" in results]
+        best = min(scored, key=lambda grid: results[f"fd_{name}_nfe{nfe}_{grid}"])
+        results[f"fd_{name}_nfe{nfe}"] = results[f"fd_{name}_nfe{nfe}_{best}"]
+        results[f"{name}_grid_nfe{nfe}"] = best
+        headline.append(f"fd_{name}_nfe{nfe}")
+
     teacher = getattr(module, "teacher", None)
     for nfe in ev.get("teacher_nfes", []) if teacher is not None else []:
-        results[f"fd_teacher_nfe{nfe}"] = fd(
-            lambda k, g, nfe=nfe: module.teacher_sample(k, nfe=int(nfe), generator=g)
+        best_of_grids(
+            "teacher",
+            int(nfe),
+            lambda k, g, lab, grid, nfe=int(nfe): module.teacher_sample(
+                k, nfe=nfe, generator=g, class_labels=lab, grid=grid
+            ),
         )
     with ema_weights(trainer, module) as profile:
         results["ema_profile"] = profile
-        nfes = ev.get("student_nfes", []) if teacher is not None else ev.get("teacher_nfes", [])
-        name = "student" if teacher is not None else "model"
-        for nfe in nfes:
-            results[f"fd_{name}_nfe{nfe}"] = fd(
-                lambda k, g, nfe=nfe: module.sample(k, nfe=int(nfe), generator=g)
-            )
+        if teacher is not None:
+            for nfe in ev.get("student_nfes", []):
+                key = f"fd_student_nfe{nfe}"
+                results[key] = fd(
+                    lambda k, g, lab, nfe=int(nfe): module.sample(
+                        k, nfe=nfe, generator=g, class_labels=lab
+                    )
+                )
+                rows.append((f"student_nfe{nfe}", "consistency", results[key]))
+                headline.append(key)
+        else:  # pretrain: the model being trained is a teacher, scored like one
+            for nfe in ev.get("teacher_nfes", []):
+                best_of_grids(
+                    "model",
+                    int(nfe),
+                    lambda k, g, lab, grid, nfe=int(nfe): module.sample(
+                        k, nfe=nfe, generator=g, class_labels=lab, grid=grid
+                    ),
+                )
 
     table = Table(title=f"Fréchet distance ({results['feature']}, {n} samples; lower is better)")
     table.add_column("model @ NFE")
+    table.add_column("sampler/grid")
     table.add_column("FD", justify="right")
-    figures = {k: v for k, v in results.items() if k.startswith("fd_")}
-    for key, value in figures.items():
-        table.add_row(key.removeprefix("fd_"), f"{value:.4f}")
+    for key, sampler_name, value in rows:
+        best = results.get(key.replace("_nfe", "_grid_nfe")) == sampler_name.split("/")[-1]
+        table.add_row(key, sampler_name + (" (best)" if best else ""), f"{value:.4f}")
     console = Console()
     console.print(table)
-    print(" ".join(f"{k}={v:.4f}" for k, v in figures.items()), flush=True)
+    figures = [f"{k}={results[k]:.4f}" for k in headline]
+    grid_names = [f"{k}={v}" for k, v in results.items() if "_grid_nfe" in k]
+    print(" ".join(figures + grid_names), flush=True)
     return results

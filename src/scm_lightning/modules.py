@@ -225,7 +225,10 @@ class DistillationModule(_TrigFlowModule):
         mode: ``"scd"`` or ``"sct"``.
         student_guidance_embedding: give the student a zero-initialised CFG-scale input.
         guidance_scale_range: ``(s_min, s_max)`` for CFG distillation (``s ~ U``), or None.
+        uncond_label: the teacher's null class (the unconditional branch of CFG).
         logvar_channels: width of w_φ(t)'s positional features.
+        eval_guidance: the scale s a guidance-conditioned student samples with when a caller
+            gives none (FID, sample grids, final evaluation; ``eval.guidance``, default 1).
     """
 
     def __init__(
@@ -244,6 +247,7 @@ class DistillationModule(_TrigFlowModule):
         seed: int = 0,
         max_bad_steps: int = 20,
         jvp_attention: bool = True,
+        eval_guidance: float = 1.0,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if mode not in ("scd", "sct"):
@@ -267,6 +271,16 @@ class DistillationModule(_TrigFlowModule):
             install_jvp_attention(self.student)
         self.guidance_scale_range = tuple(guidance_scale_range) if guidance_scale_range else None
         self.uncond_label = uncond_label
+        if self.guidance_scale_range is not None:
+            classes = teacher.num_classes
+            if not classes or uncond_label is None or not 0 <= uncond_label <= classes:
+                raise ValueError(
+                    f"CFG distillation (guidance_scale_range={list(self.guidance_scale_range)}) "
+                    f"needs a class-conditional teacher and its null label: got uncond_label="
+                    f"{uncond_label} for a teacher with num_classes={classes} (expected "
+                    "0 <= uncond_label <= num_classes)"
+                )
+        self.eval_guidance = float(eval_guidance)
         self.t_mid = float(t_mid)
         self.tangent_warmup_r = 1.0  # set each step by the TangentWarmup callback
         self._register_teacher_state_hooks()
@@ -322,20 +336,30 @@ class DistillationModule(_TrigFlowModule):
         u = torch.rand(batch_size, generator=generator, device=self.device)
         return lo + (hi - lo) * u  # s ~ U[s_min, s_max] per sample (App. G.2)
 
+    def _guided_teacher_velocity(
+        self, class_labels: Tensor | None, guidance: Tensor | None
+    ) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """sCD with CFG: the teacher's guided velocity at the drawn scales, else None."""
+        if self.mode != "scd" or guidance is None:
+            return None
+        from scm_lightning.teachers.guidance import guided_velocity
+
+        def teacher_velocity(x_t: Tensor, t: Tensor) -> Tensor:
+            return guided_velocity(self.teacher, x_t, t, class_labels, guidance, self.uncond_label)
+
+        return teacher_velocity
+
+    @property
+    def student_takes_guidance(self) -> bool:
+        """Whether the student's network has a CFG-scale input (it then needs an s per call)."""
+        return bool(getattr(self.student.net, "accepts_guidance", False))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
         gen = self.step_rng(x0.device, batch_idx)
         class_labels = labels if self.student.num_classes else None
         guidance = self._guidance(x0.shape[0], gen)
-        teacher_velocity = None
-        if self.mode == "scd" and guidance is not None:
-            from scm_lightning.teachers.guidance import guided_velocity
-
-            def teacher_velocity(x_t: Tensor, t: Tensor) -> Tensor:
-                return guided_velocity(
-                    self.teacher, x_t, t, class_labels, guidance, self.uncond_label
-                )
-
+        teacher_velocity = self._guided_teacher_velocity(class_labels, guidance)
         out = scm_loss(
             self.student,
             x0,
@@ -367,6 +391,8 @@ class DistillationModule(_TrigFlowModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
         gen = step_generator(self.seed, batch_idx, self.global_rank, x0.device)
+        class_labels = labels if self.student.num_classes else None
+        guidance = self._guidance(x0.shape[0], gen)  # s drawn as in training
         with torch.no_grad():
             out = scm_loss(
                 self.student,
@@ -374,7 +400,9 @@ class DistillationModule(_TrigFlowModule):
                 self.loss_cfg,
                 r=1.0,
                 teacher=self.teacher if self.mode == "scd" else None,
-                class_labels=labels if self.student.num_classes else None,
+                class_labels=class_labels,
+                guidance=guidance,
+                teacher_guidance=self._guided_teacher_velocity(class_labels, guidance),
                 generator=gen,
             )
         self.log("val/loss", out.loss, sync_dist=True, prog_bar=True)
@@ -391,11 +419,17 @@ class DistillationModule(_TrigFlowModule):
         guidance: float | None = None,
         times: Sequence[float] | None = None,
     ) -> Tensor:
-        """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights."""
+        """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights.
+
+        A guidance-conditioned student samples at ``guidance`` (s), by default
+        ``eval_guidance``; ``class_labels`` ``(N,)`` for a class-conditional one.
+        """
         sd = self.student.sigma_data
         if times is None:
             t_mid = self.t_mid if t_mid is None else t_mid
             times = sampling.consistency_times(nfe, t_mid=t_mid, sigma_data=sd)
+        if guidance is None and self.student_takes_guidance:
+            guidance = self.eval_guidance
         g = None
         if guidance is not None:
             g = torch.full((num_samples,), float(guidance), device=self.device)
@@ -417,14 +451,31 @@ class DistillationModule(_TrigFlowModule):
         nfe: int = 35,
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
+        grid: str = "edm",
+        guidance: float | None = None,
     ) -> Tensor:
-        """Teacher PF-ODE samples: Heun when ``nfe`` is odd (2·steps − 1), else Euler/DDIM."""
+        """Teacher PF-ODE samples: Heun when ``nfe`` is odd (2·steps − 1), else Euler/DDIM,
+        on the time grid ``grid`` (:data:`sampling.TEACHER_GRIDS`).
+
+        After CFG distillation the reference is the teacher guided at the scale the student
+        is evaluated at (``guidance``, default ``eval_guidance``); s = 1 is the plain
+        conditional teacher.
+        """
+        teacher: Any = self.teacher
+        if self.guidance_scale_range is not None:
+            s = self.eval_guidance if guidance is None else float(guidance)
+            if s != 1.0:
+                from scm_lightning.teachers.guidance import GuidedTeacher
+
+                teacher = GuidedTeacher(self.teacher, s, int(self.uncond_label))
         return sampling.teacher_sample(
-            self.teacher,
+            teacher,
             self.noise(num_samples, generator),
             self.teacher.sigma_data,
             nfe,
             class_labels,
+            grid=grid,
+            t_mid=self.t_mid,
         )
 
 
@@ -505,9 +556,12 @@ class DiffusionModule(_TrigFlowModule):
         nfe: int = 35,
         generator: torch.Generator | None = None,
         class_labels: Tensor | None = None,
+        grid: str = "edm",
+        t_mid: float | None = None,
         **_: Any,
     ) -> Tensor:
-        """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else DDIM)."""
+        """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else DDIM) on the
+        time grid ``grid`` (:data:`sampling.TEACHER_GRIDS`; ``t_mid`` radians, default 1.1)."""
         with self.student_in_eval():
             return sampling.teacher_sample(
                 self.student,
@@ -515,6 +569,8 @@ class DiffusionModule(_TrigFlowModule):
                 self.student.sigma_data,
                 nfe,
                 class_labels,
+                grid=grid,
+                t_mid=1.1 if t_mid is None else float(t_mid),
             )
 
 

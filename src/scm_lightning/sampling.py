@@ -28,23 +28,35 @@ from scm_lightning.trigflow import (
     add_noise,
     ddim_step,
     denoise,
-    edm_sigmas,
     edm_time_grid,
-    sigma_to_t,
     t_max_from_sigma_max,
+    t_mid_time_grid,
+    uniform_time_grid,
 )
 
 Model = Callable[..., Tensor]
 
 __all__ = [
+    "LABEL_MODES",
+    "TEACHER_GRIDS",
+    "class_label_rows",
     "consistency_sample",
     "consistency_times",
     "ddim_sample",
+    "draw_class_labels",
     "heun_sample",
     "sampler_nfe",
     "teacher_sample",
+    "teacher_sampler_name",
+    "teacher_time_grid",
     "validate_times",
 ]
+
+# The teacher's standard PF-ODE time grids (all end at t = 0), see :func:`teacher_time_grid`.
+TEACHER_GRIDS = ("edm", "uniform", "t_mid")
+# How evaluation draws class labels (`eval.labels`): uniform over classes, or the training
+# labels' frequencies (data.base.class_label_probs); see :func:`draw_class_labels`.
+LABEL_MODES = ("uniform", "data")
 
 
 def _call(
@@ -123,19 +135,8 @@ def consistency_times(
         if len(ts) != nfe:
             raise ValueError(f"explicit times {ts} have length {len(ts)}, expected nfe={nfe}")
         return ts
-    if t_max is None:
-        t_max = t_max_from_sigma_max(SIGMA_MAX_EDM, sigma_data)
-    if nfe == 1:
-        return validate_times([t_max])
-    if not 0.0 < t_mid < t_max:
-        raise ValueError(f"t_mid must lie in (0, t_max={t_max:.5f}), got {t_mid}")
-    sigma_mid = sigma_data * math.tan(t_mid)
-    if not sigma_min < sigma_mid:
-        raise ValueError(f"sigma_min={sigma_min} must be below σ_d·tan(t_mid)={sigma_mid:.4g}")
-    sigmas = edm_sigmas(nfe, sigma_min=sigma_min, sigma_max=sigma_mid, rho=rho)[:-1]
-    tail = sigma_to_t(sigmas, sigma_data).tolist()
-    tail[0] = t_mid  # exact, not round-tripped through tan/arctan
-    return validate_times([t_max, *tail])
+    grid = t_mid_time_grid(nfe, sigma_data, t_mid, t_max, sigma_min=sigma_min, rho=rho)
+    return validate_times(grid[:-1].tolist())  # the PF-ODE grid without its final t = 0
 
 
 @torch.no_grad()
@@ -174,16 +175,51 @@ def consistency_sample(
     return x0
 
 
-def _edm_grid(
-    num_steps: int, sigma_data: float, sigma_min: float, sigma_max: float, rho: float
+def teacher_time_grid(
+    grid: str,
+    num_steps: int,
+    sigma_data: float,
+    t_mid: float = 1.1,
+    sigma_min: float = SIGMA_MIN_EDM,
+    sigma_max: float = SIGMA_MAX_EDM,
+    rho: float = RHO_EDM,
 ) -> list[float]:
+    """``num_steps + 1`` decreasing TrigFlow times (radians) ending at exactly 0.
+
+    ``grid`` is one of :data:`TEACHER_GRIDS`, all starting at ``t_max = arctan(σ_max/σ_d)``:
+
+    * ``"edm"``: the EDM ρ-schedule σ_max..σ_min mapped by ``t = arctan(σ/σ_d)``, then 0
+      (:func:`trigflow.edm_time_grid`). With 2 steps it is ``[t_max, arctan(σ_min/σ_d), 0]``:
+      the second evaluation sits at σ = 0.002 and barely moves the sample.
+    * ``"uniform"``: uniform in t (:func:`trigflow.uniform_time_grid`).
+    * ``"t_mid"``: through ``t_mid`` (``[t_max, t_mid, 0]`` for 2 steps), the consistency
+      sampler's times plus a final 0 (:func:`trigflow.t_mid_time_grid`).
+    """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    return edm_time_grid(
-        num_steps, sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
-    ).tolist()
+    t_max = t_max_from_sigma_max(sigma_max, sigma_data)
+    if grid == "edm":
+        times = edm_time_grid(
+            num_steps, sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
+        )
+    elif grid == "uniform":
+        times = uniform_time_grid(num_steps, t_max)
+    elif grid == "t_mid":
+        times = t_mid_time_grid(num_steps, sigma_data, t_mid, t_max, sigma_min=sigma_min, rho=rho)
+    else:
+        raise ValueError(f"unknown teacher grid {grid!r}; expected one of {list(TEACHER_GRIDS)}")
+    return times.tolist()
+
+
+def _pf_ode_grid(times: Sequence[float] | Tensor) -> list[float]:
+    """An explicit PF-ODE grid: strictly decreasing, in ``[0, π/2]``, ending at exactly 0."""
+    ts = [float(v) for v in (times.tolist() if isinstance(times, Tensor) else times)]
+    if len(ts) < 2 or ts[-1] != 0.0:
+        raise ValueError(f"a PF-ODE grid needs >= 2 times ending at exactly 0, got {ts}")
+    validate_times(ts[:-1])
+    return ts
 
 
 @torch.no_grad()
@@ -197,16 +233,22 @@ def heun_sample(
     sigma_min: float = SIGMA_MIN_EDM,
     sigma_max: float = SIGMA_MAX_EDM,
     rho: float = RHO_EDM,
+    times: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Teacher PF-ODE sampler: Heun (2nd order) in t with ``dx/dt = σ_d·F(x/σ_d, t)`` (spec §5).
 
-    Grid: the EDM ρ-schedule of ``num_steps`` levels (σ_max..σ_min) mapped by
-    ``t = arctan(σ/σ_d)`` plus a final ``t = 0`` (:func:`trigflow.edm_time_grid`). Each step
-    is Heun except the last, an Euler step to ``t = 0`` (EDM Alg. 1), so NFE =
-    ``2·num_steps − 1`` (35 for 18 steps). Returns ``x_0`` in data units.
+    Grid: ``times`` (radians, decreasing, ending at 0) when given, else the EDM ρ-schedule of
+    ``num_steps`` levels (σ_max..σ_min) mapped by ``t = arctan(σ/σ_d)`` plus a final ``t = 0``
+    (:func:`teacher_time_grid` ``"edm"``). Each step is Heun except the last, an Euler step to
+    ``t = 0`` (EDM Alg. 1), so NFE = ``2·num_steps − 1`` (35 for 18 steps). Returns ``x_0``
+    in data units.
     """
     _check_common(noise, sigma_data)
-    grid = _edm_grid(num_steps, sigma_data, sigma_min, sigma_max, rho)
+    grid = (
+        teacher_time_grid("edm", num_steps, sigma_data, 1.1, sigma_min, sigma_max, rho)
+        if times is None
+        else _pf_ode_grid(times)
+    )
     b, dt = noise.shape[0], _time_dtype(noise)
     x = noise
     for t_cur, t_next in itertools.pairwise(grid):
@@ -233,15 +275,21 @@ def ddim_sample(
     sigma_min: float = SIGMA_MIN_EDM,
     sigma_max: float = SIGMA_MAX_EDM,
     rho: float = RHO_EDM,
+    times: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """First-order TrigFlow DDIM sampler on the same grid as :func:`heun_sample`.
 
     Step from s to t: ``x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s/σ_d, s)`` (spec §5,
     :func:`trigflow.ddim_step`); the last step (to t = 0) is the consistency function.
-    NFE = ``num_steps``. Returns ``x_0`` in data units.
+    NFE = ``num_steps`` (= ``len(times) − 1`` for an explicit grid). Returns ``x_0`` in data
+    units.
     """
     _check_common(noise, sigma_data)
-    grid = _edm_grid(num_steps, sigma_data, sigma_min, sigma_max, rho)
+    grid = (
+        teacher_time_grid("edm", num_steps, sigma_data, 1.1, sigma_min, sigma_max, rho)
+        if times is None
+        else _pf_ode_grid(times)
+    )
     b, dt = noise.shape[0], _time_dtype(noise)
     x = noise
     for t_cur, t_next in itertools.pairwise(grid):
@@ -263,25 +311,65 @@ def teacher_sample(
     sigma_min: float = SIGMA_MIN_EDM,
     sigma_max: float = SIGMA_MAX_EDM,
     rho: float = RHO_EDM,
+    grid: str = "edm",
+    t_mid: float = 1.1,
 ) -> Tensor:
     """PF-ODE sample with a budget of ``nfe`` evaluations (spec §5 teacher reference).
 
     Odd ``nfe ≥ 3``: :func:`heun_sample` with ``(nfe + 1)/2`` steps (35 -> the paper's 18);
-    otherwise (even, or 1): first-order :func:`ddim_sample` with ``nfe`` steps (2 -> the
-    "2-NFE teacher"; 1 -> the teacher's own consistency function at ``t_max``).
+    otherwise (even, or 1): first-order :func:`ddim_sample` with ``nfe`` steps (1 -> the
+    teacher's own consistency function at ``t_max``). The steps follow ``grid``, one of
+    :data:`TEACHER_GRIDS` (:func:`teacher_time_grid`; ``t_mid`` in radians for ``"t_mid"``).
+    For a 2-NFE teacher use ``"t_mid"`` or ``"uniform"``: on the ``"edm"`` grid its second
+    evaluation is at σ = 0.002 and adds almost nothing to the first.
     """
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    kw = dict(
-        class_labels=class_labels,
-        guidance=guidance,
-        sigma_min=sigma_min,
-        sigma_max=sigma_max,
-        rho=rho,
+    heun = nfe % 2 == 1 and nfe > 1
+    steps = (nfe + 1) // 2 if heun else nfe
+    times = teacher_time_grid(grid, steps, sigma_data, t_mid, sigma_min, sigma_max, rho)
+    sampler = heun_sample if heun else ddim_sample
+    return sampler(
+        model, noise, sigma_data, steps, class_labels=class_labels, guidance=guidance, times=times
     )
-    if nfe % 2 == 1 and nfe > 1:
-        return heun_sample(model, noise, sigma_data, (nfe + 1) // 2, **kw)
-    return ddim_sample(model, noise, sigma_data, nfe, **kw)
+
+
+def teacher_sampler_name(nfe: int, grid: str = "edm") -> str:
+    """How :func:`teacher_sample` integrates at ``nfe``: ``"heun/edm"``, ``"ddim/t_mid"``, ..."""
+    return f"{'heun' if nfe % 2 == 1 and nfe > 1 else 'ddim'}/{grid}"
+
+
+def draw_class_labels(
+    num: int,
+    num_classes: int | None,
+    generator: torch.Generator | None = None,
+    class_probs: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """The class labels every evaluation path samples with: ``(num,)`` int64, or None.
+
+    None for an unconditional model (``num_classes`` None/0); else i.i.d. uniform over
+    ``[0, num_classes)`` or, with ``class_probs`` ``(num_classes,)``, from that distribution
+    (e.g. the training labels' frequencies). Drawn from ``generator`` (on ``device``, which
+    must be the generator's device), so a fixed seed gives the same labels everywhere.
+    """
+    if not num_classes:
+        return None
+    if class_probs is None:
+        return torch.randint(
+            int(num_classes), (num,), generator=generator, device=device, dtype=torch.long
+        )
+    probs = class_probs.to(device=device, dtype=torch.float64)
+    if probs.shape != (num_classes,) or not (probs >= 0).all() or not probs.sum() > 0:
+        raise ValueError(
+            f"class_probs must be ({num_classes},) non-negative weights, got {tuple(probs.shape)}"
+        )
+    return torch.multinomial(probs, num, replacement=True, generator=generator)
+
+
+def class_label_rows(num_classes: int, per_class: int) -> Tensor:
+    """``[0]*per_class + [1]*per_class + …``: one grid row per class (``nrow=per_class``)."""
+    return torch.arange(int(num_classes)).repeat_interleave(int(per_class))
 
 
 def sampler_nfe(sampler: str, num_steps: int) -> int:

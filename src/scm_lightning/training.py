@@ -171,6 +171,7 @@ def build_distillation(
         uncond_label=cfg.student.uncond_label,
         logvar_channels=cfg.student.logvar_channels,
         jvp_attention=cfg.student.jvp_attention,
+        eval_guidance=float(cfg.eval.get("guidance", 1.0)),
         t_mid=loss.t_mid,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,

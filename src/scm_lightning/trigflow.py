@@ -125,5 +125,50 @@ def edm_time_grid(num_steps: int, sigma_data: float, **kwargs) -> Tensor:
     return torch.cat([t, t.new_zeros(1)])
 
 
+def uniform_time_grid(num_steps: int, t_max: float) -> Tensor:
+    """``num_steps + 1`` TrigFlow times uniform in t from ``t_max`` down to exactly 0 (float64)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < t_max <= math.pi / 2:
+        raise ValueError(f"t_max must lie in (0, π/2], got {t_max}")
+    grid = torch.linspace(t_max, 0.0, num_steps + 1, dtype=torch.float64)
+    grid[-1] = 0.0
+    return grid
+
+
+def t_mid_time_grid(
+    num_steps: int,
+    sigma_data: float,
+    t_mid: float = 1.1,
+    t_max: float | None = None,
+    sigma_min: float = SIGMA_MIN_EDM,
+    rho: float = RHO_EDM,
+) -> Tensor:
+    """``num_steps + 1`` times ``[t_max, t_mid, …, 0]`` through the paper's ``t_mid`` (§5).
+
+    ``num_steps = 1``: ``[t_max, 0]``; ``2``: ``[t_max, t_mid, 0]``; more: after ``t_mid`` the
+    EDM ρ-schedule of ``num_steps`` levels from ``σ_d·tan(t_mid)`` to ``sigma_min`` with its
+    last level dropped, mapped by ``t = arctan(σ/σ_d)``, then 0. Without the final 0 these are
+    the multistep consistency-sampling times. ``t_max`` defaults to ``arctan(80/σ_d)``.
+    Returns float64 radians; ``t_mid`` is exact (not round-tripped through tan/arctan).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if t_max is None:
+        t_max = t_max_from_sigma_max(SIGMA_MAX_EDM, sigma_data)
+    if num_steps == 1:
+        return torch.tensor([t_max, 0.0], dtype=torch.float64)
+    if not 0.0 < t_mid < t_max:
+        raise ValueError(f"t_mid must lie in (0, t_max={t_max:.5f}), got {t_mid}")
+    sigma_mid = sigma_data * math.tan(t_mid)
+    if not sigma_min < sigma_mid:
+        raise ValueError(f"sigma_min={sigma_min} must be below σ_d·tan(t_mid)={sigma_mid:.4g}")
+    tail = sigma_to_t(
+        edm_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_mid, rho=rho)[:-1], sigma_data
+    )
+    tail[0] = t_mid
+    return torch.cat([torch.tensor([t_max], dtype=torch.float64), tail, tail.new_zeros(1)])
+
+
 # sCT's unbiased single-sample estimate of dx_t/dt (Alg. 1) is the diffusion velocity target.
 sct_velocity = velocity_target

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from scm_lightning.callbacks.ema import EMA
+from scm_lightning.data.base import class_label_probs
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import (
     FeatureStats,
@@ -35,6 +36,7 @@ from scm_lightning.metrics.frechet import (
     cached_reference_stats,
     frechet_distance_from_stats,
 )
+from scm_lightning.sampling import draw_class_labels
 
 
 def _images(item: Any) -> Tensor:
@@ -61,8 +63,10 @@ class FIDCallback(Callback):
         num_ref_samples: training images in the reference statistics (at most all of them).
         ref_stats_path: precomputed ``FeatureStats.save`` file used instead of the data.
         seed: base seed of the sampling noise (rank r adds r).
-        num_classes: class count for uniformly drawn labels; ``"auto"`` takes the
-            datamodule's ``num_classes`` (``None`` there means unconditional).
+        num_classes: class count of the drawn labels; ``"auto"`` takes the datamodule's
+            ``num_classes`` (``None`` there means unconditional).
+        labels: how labels are drawn (:func:`data.base.class_label_probs`): ``"uniform"``
+            over classes or ``"data"`` (the training labels' frequencies).
         at_fit_end: evaluate once more at the end of fit unless the last step was scored.
         sync_dist: passed to ``pl_module.log`` (values are already identical on all ranks).
     """
@@ -83,6 +87,7 @@ class FIDCallback(Callback):
         ref_stats_path: str | None = None,
         seed: int = 0,
         num_classes: int | str | None = "auto",
+        labels: str = "uniform",
         at_fit_end: bool = True,
         sync_dist: bool = False,
     ) -> None:
@@ -108,6 +113,7 @@ class FIDCallback(Callback):
         self.ref_stats_path = ref_stats_path
         self.seed = int(seed)
         self.num_classes = num_classes
+        self.labels = str(labels)
         self.at_fit_end = bool(at_fit_end)
         self.sync_dist = bool(sync_dist)
         self.history: list[dict[str, float]] = []  # {"step", "nfe", "fd"}
@@ -189,6 +195,7 @@ class FIDCallback(Callback):
         per_rank = math.ceil(self.num_samples / world)
         keep = max(0, min(per_rank, self.num_samples - rank * per_rank))
         num_classes = self._classes(trainer)
+        probs = class_label_probs(self.labels, trainer.datamodule, num_classes)
         emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
         swap = emas[0].swapped(pl_module, self.ema_profile) if emas else nullcontext()
         was_training = pl_module.training
@@ -201,9 +208,7 @@ class FIDCallback(Callback):
                     stats = FeatureStats(net.num_features, device=device)
                     for start in range(0, per_rank, self.batch_size):
                         n = min(self.batch_size, per_rank - start)
-                        labels = None
-                        if num_classes:
-                            labels = torch.randint(num_classes, (n,), generator=gen, device=device)
+                        labels = draw_class_labels(n, num_classes, gen, probs, device)
                         x = pl_module.sample(
                             n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
                         )

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from scm_lightning.sampling import LABEL_MODES
+
 # The validation subset and the FID reference images are drawn with this fixed seed, not the
 # training seed: changing the shuffling seed must not change what FID is measured against.
 SUBSET_SEED = 0x5EED
@@ -214,3 +216,23 @@ class ArrayDataset(Dataset):
         if self.scale != 1.0 or self.shift != 0.0:
             image = image * self.scale + self.shift
         return image, self.labels[index]
+
+
+def class_label_probs(mode: str, datamodule: Any, num_classes: int | None) -> Tensor | None:
+    """The label distribution evaluation samples from (:func:`sampling.draw_class_labels`).
+
+    ``"uniform"`` -> None (uniform over classes); ``"data"`` -> the training labels'
+    frequencies ``(num_classes,)`` (float64), read from ``datamodule.base_dataset()``.
+    """
+    if mode not in LABEL_MODES:
+        raise ValueError(f"eval.labels={mode!r} is invalid: expected one of {list(LABEL_MODES)}")
+    if mode == "uniform" or not num_classes:
+        return None
+    if datamodule is None or not hasattr(datamodule, "base_dataset"):
+        raise ValueError("eval.labels='data' needs the run's data module (base_dataset())")
+    dataset = datamodule.base_dataset()
+    labels = getattr(dataset, "labels", None)
+    if labels is None:  # a dataset without a label tensor: read the labels item by item
+        labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+    counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes)
+    return counts[:num_classes].double() / counts[:num_classes].sum()
