@@ -95,7 +95,25 @@ def _tiled_tangent(
     f = Σe^{x−m}v (skipped when the primal ``y`` is given), μ = Σe^{x−m}·t_x and one
     accumulator for a + g = Σe^{x−m}·t_v + Σ(e^{x−m}⊙t_x)v (the finish divides both by ℓ,
     so they are summed in place). Every merge rescales by e^{m_old−m_new}.
+
+    Autocast is switched off here: the loop picks its own accumulation dtype, and autocast
+    would run the score/product matmuls in bf16/fp16 against the fp32 accumulators.
     """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _tiled_tangent_loop(q, k, v, tq, tk, tv, scale, block_size, y)
+
+
+def _tiled_tangent_loop(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    scale: float,
+    block_size: tuple[int, int],
+    y: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     B, H, Lq = q.shape[:3]
     Lk, Dv = k.shape[-2], v.shape[-1]
     N = B * H
@@ -246,7 +264,10 @@ class _JVPAttention(torch.autograd.Function):
         if tq is None and tk is None and tv is None:
             return torch.zeros_like(saved[3])
         q, k, v, y, tq, tk, tv = (_unwrap_functorch(t) for t in (*saved, tq, tk, tv))
-        with torch._C._DisableFuncTorch():
+        # Under autocast the tangents may come back wider than the primals (fp32 tangent of a
+        # bf16 q): the rule works in the primals' dtype and returns the tangent in y's dtype.
+        tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
+        with torch._C._DisableFuncTorch(), torch.autocast(q.device.type, enabled=False):
             if _triton_ok(q):
                 from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
