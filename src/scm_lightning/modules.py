@@ -112,8 +112,9 @@ class _TrigFlowModule(L.LightningModule):
         """Activation checkpointing of the student's blocks for the gradient pass.
 
         Applies to every submodule that supports it (diffusers-style
-        ``enable_gradient_checkpointing``; TrigFlowUNet switches it off under a JVP by
-        itself). Returns how many modules were switched; 0 raises ValueError.
+        ``enable_gradient_checkpointing``). ``scm_loss`` then takes two passes (no-grad JVP,
+        checkpointed forward) instead of reusing the JVP's primal. Returns how many modules
+        were switched; 0 raises ValueError.
         """
         count = 0
         for m in self.student.modules():
