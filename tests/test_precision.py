@@ -126,6 +126,31 @@ def test_bf16_mixed_run_with_fp32_jvp_and_checkpointing(
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == {}
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_jvp_attention_tangent_under_autocast(input_dtype: torch.dtype) -> None:
+    """The tiled tangent under bf16 autocast (it crashed: bf16 products into an fp32
+    accumulator) agrees with a float64 math-attention JVP and has its primal's dtype."""
+    from scm_lightning.jvp.attention import jvp_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, tq, tk, tv = (torch.randn(2, 2, 64, 16, generator=g) for _ in range(6))
+
+    def math_attention(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+    y_ref, ty_ref = torch.func.jvp(
+        math_attention,
+        tuple(a.double() for a in (q, k, v)),
+        tuple(a.double() for a in (tq, tk, tv)),
+    )
+    primals = tuple(a.to(input_dtype) for a in (q, k, v))
+    tangents = tuple(a.to(input_dtype) for a in (tq, tk, tv))
+    with autocast():
+        y, ty = torch.func.jvp(lambda *a: jvp_attention(*a, block_size=16), primals, tangents)
+    assert y.dtype == ty.dtype == torch.bfloat16
+    assert rel(ty, ty_ref) < 2e-2 and rel(y, y_ref) < 2e-2  # a few bf16 roundoffs (4e-3 each)
+
+
 # -- trainer.precision × loss.jvp_precision ------------------------------------------------
 
 PRECISIONS = ["32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]

@@ -117,6 +117,10 @@ def rearranged_jvp(
     ``F`` carries the autograd graph (the primal is reused as F_θ) and ``dF`` still does not
     (with the lean rules; detach it otherwise). Call it on the raw module, never
     on a DDP/FSDP wrapper. Returns ``(F⁻, dF)`` with the shape of ``x_t``, in the JVP dtype.
+
+    ``jvp_dtype``: None runs at the run precision (autocast, if on, stays on); float32/float64
+    leave autocast and use inputs and weights of that dtype (a detached cast copy of the
+    weights when they are stored otherwise); bfloat16/float16 run under autocast of that dtype.
     """
     wide = torch.float64 if torch.float64 in (x_t.dtype, jvp_dtype) else torch.float32
     t_jvp = t.to(wide)  # times and their coefficients stay float32+ (field notes, precision)
