@@ -362,15 +362,15 @@ def _validate_fit_precision(cfg: DictConfig) -> None:
         precision not in ("bf16-true", "16-true"),
         "trainer.precision",
         precision,
-        "32-true, bf16-mixed or 16-mixed for fit: *-true half precision stores every weight, "
-        "the time embedding's included, in half precision, but the sCM time embedding and "
-        "tangent need float32 or better (spec §3, JVP precision)",
+        "32-true, 64-true, bf16-mixed or 16-mixed for fit: *-true half precision stores every "
+        "weight, the time embedding's included, in half precision, but the sCM time embedding "
+        "and tangent need float32 or better (spec §3, JVP precision)",
     )
     _check(
         not precision.startswith("transformer-engine"),
         "trainer.precision",
         precision,
-        "32-true, bf16-mixed or 16-mixed for fit: Transformer Engine layers have no "
+        "32-true, 64-true, bf16-mixed or 16-mixed for fit: Transformer Engine layers have no "
         "forward-mode AD rule, which the sCM JVP needs",
     )
     _check(
