@@ -310,16 +310,16 @@ def test_transformer_engine_is_refused_for_fit(precision: str, tiny_teacher: Pat
 
 
 @pytest.mark.slow
-def test_cli_fit_bf16_mixed(tmp_path: Path) -> None:
-    """``fit debug=fdr trainer=cpu trainer.precision=bf16-mixed`` with the bundled teacher
-    (a TrigFlowUNet student with the tiled JVP attention) runs end to end."""
+@pytest.mark.parametrize(
+    "overrides",
+    [("trainer.precision=bf16-mixed",), ("trainer.precision=64-true", "loss.jvp_precision=32")],
+)
+def test_cli_fit_precision(overrides: tuple[str, ...], tmp_path: Path) -> None:
+    """``fit debug=fdr trainer=cpu trainer.precision=bf16-mixed`` with the bundled teacher (a
+    TrigFlowUNet student with the tiled JVP attention) runs end to end, and so does a float64
+    run with an fp32 JVP (its sample grids and evaluation used to draw fp32 noise)."""
     proc = run_cli(
-        "fit",
-        "debug=fdr",
-        "trainer=cpu",
-        "trainer.precision=bf16-mixed",
-        f"run_dir={tmp_path / 'run'}",
-        cwd=tmp_path,
+        "fit", "debug=fdr", "trainer=cpu", *overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fd_student_nfe1=" in proc.stdout + proc.stderr

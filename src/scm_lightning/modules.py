@@ -208,10 +208,17 @@ class _TrigFlowModule(L.LightningModule):
 
     @torch.no_grad()
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Prior sample ``σ_d·n`` of shape ``(N, *image_shape)`` (spec §5)."""
+        """Prior sample ``σ_d·n`` of shape ``(N, *image_shape)`` (spec §5).
+
+        In the module's dtype: float64 under ``trainer.precision=64-true``, whose plugin sets
+        the default dtype only around the training and validation steps, not for sampling.
+        """
         sd = self.student.sigma_data
         return sd * torch.randn(
-            (num_samples, *self.image_shape), generator=generator, device=self.device
+            (num_samples, *self.image_shape),
+            generator=generator,
+            device=self.device,
+            dtype=self.dtype,
         )
 
 
