@@ -283,6 +283,14 @@ def _validate_trainer(cfg: DictConfig) -> None:
         accelerator,
         f"one of {list(ACCELERATORS)}",
     )
+    # Lightning would silently train in bf16-mixed instead (its accelerator connector).
+    _check(
+        not (accelerator == "cpu" and str(precision) in ("16-mixed", "16")),
+        f"{tr}.precision",
+        precision,
+        "bf16-mixed or 32-true on the CPU: fp16 autocast training is not supported there "
+        "(Lightning would silently switch to bf16-mixed)",
+    )
     _int(cfg, f"{tr}.num_nodes", 1)
     _int(cfg, f"{tr}.max_steps", 1, extra=(-1, None))
     _int(cfg, f"{tr}.max_epochs", 1, extra=(-1, None))
@@ -344,6 +352,33 @@ def _validate_loss(cfg: DictConfig) -> None:
         "loss.t_mid",
         t_mid,
         f"0 < t_mid < t_max = {t_max:.5f} (TrigFlow time in radians)",
+    )
+
+
+def _validate_fit_precision(cfg: DictConfig) -> None:
+    """``trainer.precision`` × ``loss.jvp_precision`` combinations the sCM step cannot honour."""
+    precision, jvp = str(_get(cfg, "trainer.precision")), _get(cfg, "loss.jvp_precision")
+    _check(
+        precision not in ("bf16-true", "16-true"),
+        "trainer.precision",
+        precision,
+        "32-true, 64-true, bf16-mixed or 16-mixed for fit: *-true half precision stores every "
+        "weight, the time embedding's included, in half precision, but the sCM time embedding "
+        "and tangent need float32 or better (spec §3, JVP precision)",
+    )
+    _check(
+        not precision.startswith("transformer-engine"),
+        "trainer.precision",
+        precision,
+        "32-true, 64-true, bf16-mixed or 16-mixed for fit: Transformer Engine layers have no "
+        "forward-mode AD rule, which the sCM JVP needs",
+    )
+    _check(
+        not (precision in ("64-true", "64") and str(jvp) in ("bf16", "16")),
+        "loss.jvp_precision",
+        jvp,
+        "null, 32 or 64 with trainer.precision=64-true: autocast leaves float64 weights "
+        "alone, so a bf16/16 JVP would silently run in float64",
     )
 
 
@@ -537,6 +572,7 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_data(cfg)
     if cfg.task == "fit":
         _validate_loss(cfg)
+        _validate_fit_precision(cfg)
         _validate_student(cfg)
         _validate_guidance(cfg)
         _validate_teacher(cfg)

@@ -35,7 +35,8 @@ class SCMLossConfig:
     jvp_dtype: torch.dtype | None = None  # None: inherit run precision
     fast_jvp: bool = True  # lean conv/linear/GroupNorm forward-AD rules (jvp/fast.py)
     # One pass: the JVP's primal (with grad) is F_θ for the loss, saving the student forward.
-    # Same value and gradient as two passes; used only when the JVP runs at the run precision.
+    # Same value and gradient as two passes; used only when the JVP runs at the run precision
+    # and the student has no activation checkpointing.
     reuse_primal: bool = True
 
     def __post_init__(self) -> None:
@@ -72,6 +73,11 @@ def has_active_dropout(module: nn.Module) -> bool:
     return module.training and any(
         isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules()
     )
+
+
+def uses_gradient_checkpointing(module: nn.Module) -> bool:
+    """True if any submodule has diffusers-style activation checkpointing switched on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
 
 
 @contextlib.contextmanager
@@ -111,6 +117,10 @@ def rearranged_jvp(
     ``F`` carries the autograd graph (the primal is reused as F_θ) and ``dF`` still does not
     (with the lean rules; detach it otherwise). Call it on the raw module, never
     on a DDP/FSDP wrapper. Returns ``(F⁻, dF)`` with the shape of ``x_t``, in the JVP dtype.
+
+    ``jvp_dtype``: None runs at the run precision (autocast, if on, stays on); float32/float64
+    leave autocast and use inputs and weights of that dtype (a detached cast copy of the
+    weights when they are stored otherwise); bfloat16/float16 run under autocast of that dtype.
     """
     wide = torch.float64 if torch.float64 in (x_t.dtype, jvp_dtype) else torch.float32
     t_jvp = t.to(wide)  # times and their coefficients stay float32+ (field notes, precision)
@@ -127,13 +137,34 @@ def rearranged_jvp(
         x_scaled, tangent_x = x_scaled.to(x_t.dtype), tangent_x.to(x_t.dtype)
         precision = contextlib.nullcontext()
 
+    weights = _weights_in(model, jvp_dtype) if jvp_dtype in (torch.float32, torch.float64) else None
+
     def f(x: Tensor, tt: Tensor) -> Tensor:
+        if weights is not None:  # the run's weights are in another dtype: a cast copy (θ⁻)
+            return torch.func.functional_call(model, weights, (x, tt, class_labels, guidance))
         return model(x, tt, class_labels, guidance)
 
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
     with grad_mode, precision, fast_jvp() if fast else contextlib.nullcontext():
         F_minus, dF = torch.func.jvp(f, (x_scaled, t_jvp), (tangent_x, cs))
     return F_minus, dF
+
+
+def _weights_in(model: TrigFlowFn, dtype: torch.dtype) -> dict[str, Tensor] | None:
+    """Detached copies of ``model``'s floating parameters and buffers cast to ``dtype``.
+
+    None when they already have that dtype (the usual case: fp32 weights, fp32 JVP).
+    A full-precision JVP in a run whose weights are stored otherwise (``loss.jvp_precision=64``
+    in an fp32 run, ``=32`` in a float64 run) computes with these; θ⁻ is a stop-gradient.
+    """
+    if not isinstance(model, nn.Module):
+        return None
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    if all(not v.is_floating_point() or v.dtype == dtype for v in tensors.values()):
+        return None
+    return {
+        name: v.detach().to(dtype) if v.is_floating_point() else v for name, v in tensors.items()
+    }
 
 
 def scm_tangent(
@@ -220,7 +251,14 @@ def scm_loss(
         if has_active_dropout(student)
         else None
     )
-    reuse = cfg.reuse_primal and cfg.jvp_dtype is None and torch.is_grad_enabled()
+    # Activation checkpointing cannot be differentiated through inside the JVP (field notes):
+    # a checkpointed student takes two passes, a no-grad JVP and a checkpointed forward.
+    reuse = (
+        cfg.reuse_primal
+        and cfg.jvp_dtype is None
+        and torch.is_grad_enabled()
+        and not uses_gradient_checkpointing(student)
+    )
     with same_rng(seed, x0.device):
         F_out, dF = rearranged_jvp(
             student, x_t, t, dxdt, sd, class_labels, guidance, cfg.jvp_dtype, cfg.fast_jvp, reuse

@@ -113,8 +113,9 @@ class _TrigFlowModule(L.LightningModule):
         """Activation checkpointing of the student's blocks for the gradient pass.
 
         Applies to every submodule that supports it (diffusers-style
-        ``enable_gradient_checkpointing``; TrigFlowUNet switches it off under a JVP by
-        itself). Returns how many modules were switched; 0 raises ValueError.
+        ``enable_gradient_checkpointing``). ``scm_loss`` then takes two passes (no-grad JVP,
+        checkpointed forward) instead of reusing the JVP's primal. Returns how many modules
+        were switched; 0 raises ValueError.
         """
         count = 0
         for m in self.student.modules():
@@ -208,10 +209,17 @@ class _TrigFlowModule(L.LightningModule):
 
     @torch.no_grad()
     def noise(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Prior sample ``σ_d·n`` of shape ``(N, *image_shape)`` (spec §5)."""
+        """Prior sample ``σ_d·n`` of shape ``(N, *image_shape)`` (spec §5).
+
+        In the module's dtype: float64 under ``trainer.precision=64-true``, whose plugin sets
+        the default dtype only around the training and validation steps, not for sampling.
+        """
         sd = self.student.sigma_data
         return sd * torch.randn(
-            (num_samples, *self.image_shape), generator=generator, device=self.device
+            (num_samples, *self.image_shape),
+            generator=generator,
+            device=self.device,
+            dtype=self.dtype,
         )
 
 

@@ -95,7 +95,25 @@ def _tiled_tangent(
     f = Σe^{x−m}v (skipped when the primal ``y`` is given), μ = Σe^{x−m}·t_x and one
     accumulator for a + g = Σe^{x−m}·t_v + Σ(e^{x−m}⊙t_x)v (the finish divides both by ℓ,
     so they are summed in place). Every merge rescales by e^{m_old−m_new}.
+
+    Autocast is switched off here: the loop picks its own accumulation dtype, and autocast
+    would run the score/product matmuls in bf16/fp16 against the fp32 accumulators.
     """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _tiled_tangent_loop(q, k, v, tq, tk, tv, scale, block_size, y)
+
+
+def _tiled_tangent_loop(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None,
+    tk: Tensor | None,
+    tv: Tensor | None,
+    scale: float,
+    block_size: tuple[int, int],
+    y: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     B, H, Lq = q.shape[:3]
     Lk, Dv = k.shape[-2], v.shape[-1]
     N = B * H
@@ -246,13 +264,19 @@ class _JVPAttention(torch.autograd.Function):
         if tq is None and tk is None and tv is None:
             return torch.zeros_like(saved[3])
         q, k, v, y, tq, tk, tv = (_unwrap_functorch(t) for t in (*saved, tq, tk, tv))
-        with torch._C._DisableFuncTorch():
+        # Under autocast a tangent may come in wider than its primal (fp32 tangent of a bf16
+        # q): the rule works in the primals' dtype.
+        tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
+        with torch._C._DisableFuncTorch(), torch.autocast(q.device.type, enabled=False):
             if _triton_ok(q):
                 from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
-                return triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=ctx.scale)[1]
-            # The primal y from the fused forward stands in for f/ℓ: one block matmul fewer.
-            return _tiled_tangent(q, k, v, tq, tk, tv, ctx.scale, ctx.block_size, y=y)[1]
+                ty = triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=ctx.scale)[1]
+            else:
+                # The primal y from the fused forward stands in for f/ℓ: one block matmul fewer.
+                ty = _tiled_tangent(q, k, v, tq, tk, tv, ctx.scale, ctx.block_size, y=y)[1]
+        # fp32 q, k, v under autocast give a bf16/fp16 y: the tangent follows its primal.
+        return ty.to(y.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -28,9 +28,10 @@ denoiser is ``cos t·x_t``); gradients still reach every layer through the final
 the first step, so training from scratch is unaffected.
 
 Gradient checkpointing (``enable_gradient_checkpointing()``) applies to the gradient pass
-only: it is skipped automatically when the inputs carry forward-AD tangents
-(``torch.func.jvp`` or ``torch.autograd.forward_ad``) because differentiating through
-activation checkpointing in the JVP pass is unsupported (field notes).
+only: it is skipped when the inputs carry forward-AD tangents (``torch.func.jvp`` or
+``torch.autograd.forward_ad``) because differentiating through activation checkpointing in
+the JVP pass is unsupported (field notes). ``losses.scm_loss`` therefore runs a checkpointed
+student in two passes (a no-grad JVP, then a checkpointed forward for the gradient).
 """
 
 from __future__ import annotations
