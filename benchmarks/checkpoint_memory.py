@@ -64,8 +64,8 @@ def measure(config: str, device: str, checkpointing: bool, threads: int) -> dict
     """One sCD step of a fresh student; returns the peak memory growth in MiB and the time."""
     from scm_lightning.jvp.install import install_jvp_attention
     from scm_lightning.losses import SCMLossConfig, scm_loss, uses_gradient_checkpointing
-    from scm_lightning.nets.student import Student
     from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+    from scm_lightning.student import Student
     from scm_lightning.teachers.trigflow import TrigFlowNative
 
     torch.set_num_threads(threads)

@@ -17,8 +17,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from conftest import run_cli
 from scm_lightning.jvp.install import install_jvp_attention
 from scm_lightning.losses import SCMLossConfig, scm_loss, uses_gradient_checkpointing
-from scm_lightning.nets.student import Student
 from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+from scm_lightning.student import Student
 from scm_lightning.teachers.base import TrigFlowModel
 from scm_lightning.teachers.schedule import ScheduleAdapter, TabulatedSchedule
 from scm_lightning.teachers.trigflow import TrigFlowNative
