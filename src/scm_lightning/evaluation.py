@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import FeatureStats, frechet_distance_from_stats
+from scm_lightning.progress import progress
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 
@@ -88,15 +89,22 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         "feature": str(getattr(feature_net, "feature_id", "")),
     }
 
-    def fd(sampler: Sampler) -> float:
-        return frechet_distance_from_stats(
-            sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats
-        )
+    def fd(sampler: Sampler, stage: str) -> float:
+        with progress(f"FD {stage}", n) as advance:
+
+            def counted(k: int, g: torch.Generator) -> Tensor:
+                images = sampler(k, g)
+                advance(k)
+                return images
+
+            stats = sampled_stats(counted, n, bs, seed, feature_net, device)
+        return frechet_distance_from_stats(stats, ref_stats)
 
     teacher = getattr(module, "teacher", None)
     for nfe in ev.get("teacher_nfes", []) if teacher is not None else []:
         results[f"fd_teacher_nfe{nfe}"] = fd(
-            lambda k, g, nfe=nfe: module.teacher_sample(k, nfe=int(nfe), generator=g)
+            lambda k, g, nfe=nfe: module.teacher_sample(k, nfe=int(nfe), generator=g),
+            f"teacher nfe={nfe}",
         )
     with ema_weights(trainer, module) as profile:
         results["ema_profile"] = profile
@@ -104,7 +112,8 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         name = "student" if teacher is not None else "model"
         for nfe in nfes:
             results[f"fd_{name}_nfe{nfe}"] = fd(
-                lambda k, g, nfe=nfe: module.sample(k, nfe=int(nfe), generator=g)
+                lambda k, g, nfe=nfe: module.sample(k, nfe=int(nfe), generator=g),
+                f"{name} nfe={nfe}",
             )
 
     table = Table(title=f"Fréchet distance ({results['feature']}, {n} samples; lower is better)")

@@ -13,7 +13,7 @@ line and exit code 2 before any work (docs/validation.md):
   Hydra's own report;
 * in a single run the ``.hydra/`` record is written once the data, teacher and resume checks
   of ``training.run`` passed, so an input rejected there leaves an existing run untouched
-  (the job log, ``<run_dir>/<task>.log``, opens on its first line for the same reason).
+  (the job log, ``<run_dir>/<task>.log``, holds its lines until then for the same reason).
 
 ``run_dir`` is the job's output folder: ``run_dir=...`` or ``hydra.run.dir=...`` for a single
 run (default ``runs/<task>/<time>``), ``hydra.sweep.dir/<job number>`` in a sweep.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -169,6 +170,33 @@ def write_run_record(cfg: DictConfig, subdir: str) -> Path:
     return out
 
 
+class RunLogFile(logging.FileHandler):
+    """Hydra's job log file (``<run_dir>/<task>.log``), written from the moment the run's inputs
+    passed their checks: records before that are held and written then, so a rejected input
+    leaves an existing run's log untouched (``hydra.job_logging.handlers.file.class``)."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay=True)
+        self._held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is not None:
+            self._held.append(record)
+        else:
+            super().emit(record)
+
+    def start(self) -> None:
+        held, self._held = self._held or [], None
+        for record in held:
+            super().emit(record)
+
+
+def start_run_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogFile):
+            handler.start()
+
+
 def show_config(cfg: DictConfig) -> None:
     """The composed config, highlighted, on stderr (rank 0)."""
     if _is_rank_zero():
@@ -205,6 +233,7 @@ class TrainingJob:
         record = copy.deepcopy(cfg)
 
         def on_ready() -> None:
+            start_run_logs()
             if self.record_subdir is not None and _is_rank_zero():
                 write_run_record(record, self.record_subdir)
             show_config(cfg)

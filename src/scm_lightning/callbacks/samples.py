@@ -25,10 +25,31 @@ def ema_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[st
         yield name
 
 
+def log_grid(trainer: L.Trainer, key: str, path: Path) -> None:
+    """A saved grid to every logger that takes images, at the current step: TensorBoard's
+    ``add_image``, or a logger's own ``log_image`` (Weights & Biases, ...). CSV keeps the file."""
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
+    from PIL import Image
+
+    with Image.open(path) as img:
+        grid = img.copy()
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            array = np.asarray(grid)
+            formats = "HW" if array.ndim == 2 else "HWC"
+            logger.experiment.add_image(key, array, global_step=step, dataformats=formats)
+        elif not isinstance(logger, DummyLogger) and callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[grid], step=step)
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and when fit ends) save a grid per NFE with a fixed seed.
 
-    Files: ``<dirpath>/samples_step{step:07d}_nfe{n}.png`` and ``samples_final_nfe{n}.png``.
+    Files: ``<dirpath>/samples_step{step:07d}_nfe{n}.png`` and ``samples_final_nfe{n}.png``;
+    each also goes to the loggers as image ``samples/nfe{n}`` (:func:`log_grid`).
     """
 
     def __init__(
@@ -59,7 +80,8 @@ class SampleGrid(L.Callback):
                 gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
                 images = pl_module.sample(self.num_samples, nfe=nfe, generator=gen)
                 if trainer.is_global_zero:
-                    save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
+                    path = save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
+                    log_grid(trainer, f"samples/nfe{nfe}", path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         step = trainer.global_step
