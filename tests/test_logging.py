@@ -70,7 +70,7 @@ def logged_run(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "trainer.val_check_interval=100", "trainer.enable_progress_bar=false",
         "callbacks.progress=null", "callbacks.checkpoint.every_n_train_steps=4",
         "callbacks.fid.every_n_steps=2", "callbacks.fid.num_samples=8",
-        "callbacks.fid.batch_size=8", "callbacks.fid.nfes=[1]",
+        "+callbacks.fid.batch_size=8", "callbacks.fid.nfes=[1]",
         f"callbacks.fid.ref_cache_dir={base}",
         "callbacks.samples.every_n_steps=2", "callbacks.samples.num_samples=4",
         "callbacks.samples.nfes=[1]", "eval.num_samples=8", "eval.batch_size=8",
