@@ -102,6 +102,7 @@ def settle_run_dir(cfg: DictConfig) -> None:
         if cfg.run_dir is None and _overridden(cfg, "hydra.run.dir"):
             cfg.run_dir = str(cfg.hydra.run.dir)
         assign_run_dir(cfg, default=str(cfg.hydra.run.dir))
+        cfg.run_dir = os.path.abspath(cfg.run_dir)  # as Hydra's output_dir (and hydra.job.chdir)
     with read_write(cfg.hydra):
         cfg.hydra.run.dir = str(cfg.run_dir)
 
