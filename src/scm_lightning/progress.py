@@ -25,21 +25,31 @@ def _running_rich_bar(trainer: Any) -> Any | None:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int, trainer: Any | None = None) -> Iterator[Advance]:
+def progress(
+    description: str, total: int, trainer: Any | None = None, row: str | None = None
+) -> Iterator[Advance]:
     """A progress bar of ``total`` units; yields ``advance(n)``.
 
     ``trainer``: inside a Lightning run, show on rank 0 only and join its RichProgressBar.
+    ``row``: there, reuse one row per name (e.g. ``"fid"``: the latest evaluation stays
+    shown under the training bar) instead of a row that disappears when done.
     """
     if trainer is not None and not trainer.is_global_zero:
         yield lambda n: None
         return
     bar = _running_rich_bar(trainer) if trainer is not None else None
     if bar is not None:
-        task = bar.progress.add_task(description, total=total)
+        bars = bar.progress
+        task = next((t.id for t in bars.tasks if row and t.fields.get("row") == row), None)
+        if task is None:
+            task = bars.add_task(description, total=total, row=row)
+        else:
+            bars.reset(task, total=total, description=description)
         try:
-            yield lambda n: bar.progress.update(task, advance=n, refresh=True)
+            yield lambda n: bars.update(task, advance=n, refresh=True)
         finally:
-            bar.progress.remove_task(task)
+            if row is None:
+                bars.remove_task(task)
         return
     from rich.console import Console
     from rich.progress import (

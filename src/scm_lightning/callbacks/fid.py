@@ -198,7 +198,7 @@ class FIDCallback(Callback):
         results: dict[int, float] = {}
         try:
             stage = f"FID nfe={','.join(map(str, self.nfes))} (step {trainer.global_step})"
-            with swap, progress(stage, per_rank * len(self.nfes), trainer) as advance:
+            with swap, progress(stage, per_rank * len(self.nfes), trainer, "fid") as advance:
                 for nfe in self.nfes:
                     gen = torch.Generator(device=device).manual_seed(self.seed + rank)
                     stats = FeatureStats(net.num_features, device=device)
