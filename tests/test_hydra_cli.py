@@ -157,3 +157,23 @@ def test_multirun_sweep_of_two_learning_rates(tmp_path: Path, monkeypatch) -> No
         assert argv[1] == "fit" and "-m" not in argv and f"optim.lr={lr}" in argv
         assert not any("," in a for a in argv[2:])  # the job's values, not the sweep
         assert argv[-1] == f"run_dir='{resolved['run_dir']}'"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_sweep_of_ddp_jobs_runs_each_job_with_its_own_ranks(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    """Lightning relaunches rank 1 of each job with that job's argv into that job's folder; the
+    second job starts its own process group (the first one's is gone with its ranks)."""
+    sweep = tmp_path / "sweep"
+    res = run_cli(
+        "fit", "-m", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "debug=fdr",
+        "eval=none", "callbacks.samples=null", "teacher=diffusers",
+        f"teacher.path={tiny_teacher}", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "results.json").is_file()
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this folder
+        assert yaml.safe_load((sweep / job / "config.yaml").read_text())["seed"] == int(job)

@@ -156,6 +156,23 @@ def ddp_children_argv(command: str, launch_args: list[str], run_dir: str) -> Ite
         sys.argv = saved
 
 
+@contextlib.contextmanager
+def sweep_job_process_state() -> Iterator[None]:
+    """A sweep runs its jobs one after another in this process: what a DDP job leaves behind
+    (its process group, the MASTER_PORT/WORLD_SIZE/... Lightning put in ``os.environ``) is
+    cleared, so the next job starts its own group and children."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def write_run_record(cfg: DictConfig, subdir: str) -> Path:
     """``<run_dir>/<subdir>/{config,hydra,overrides}.yaml``, as Hydra's run_job writes them."""
     from hydra.core.hydra_config import HydraConfig
@@ -227,7 +244,8 @@ class TrainingJob:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        if sweep:
             with open_dict(cfg):
                 cfg.run_dir = hydra_cfg.runtime.output_dir
             assign_run_dir(cfg)  # ckpt_path=last: this job's own last.ckpt
@@ -241,7 +259,10 @@ class TrainingJob:
 
         from scm_lightning.training import run
 
-        with ddp_children_argv(self.command, self.launch_args, str(cfg.run_dir)):
+        with contextlib.ExitStack() as job:
+            if sweep:
+                job.enter_context(sweep_job_process_state())
+            job.enter_context(ddp_children_argv(self.command, self.launch_args, str(cfg.run_dir)))
             return run(cfg, on_ready=on_ready)
 
 
