@@ -177,3 +177,21 @@ def test_a_sweep_of_ddp_jobs_runs_each_job_with_its_own_ranks(
         assert (sweep / job / "results.json").is_file()
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran in this folder
         assert yaml.safe_load((sweep / job / "config.yaml").read_text())["seed"] == int(job)
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_resumes_the_latest_run_in_its_own_folder(tmp_path: Path) -> None:
+    """No run_dir: the first run lands in runs/pretrain/<time>; `ckpt_path=last` continues
+    that folder (Hydra's output folder follows it) instead of opening a new one."""
+    common = ["callbacks.checkpoint.every_n_train_steps=1", *TINY_NET, *QUIET]
+    res = run_cli("pretrain", "trainer.max_steps=1", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (first,) = (tmp_path / "runs" / "pretrain").iterdir()
+    res = run_cli("pretrain", "trainer.max_steps=2", "ckpt_path=last", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list((tmp_path / "runs" / "pretrain").iterdir()) == [first]
+    assert (first / "checkpoints" / "step0000002.ckpt").is_file()
+    overrides = yaml.safe_load((first / ".hydra" / "overrides.yaml").read_text())
+    assert "ckpt_path=last" in overrides  # the record is the latest invocation's
+    record = yaml.safe_load((first / ".hydra" / "config.yaml").read_text())
+    assert record["ckpt_path"] == str(first / "checkpoints" / "last.ckpt")

@@ -91,7 +91,7 @@ def compose_config(task: str, overrides: list[str]) -> DictConfig:
 def latest_run_dir(task: str, root: Path = Path("runs")) -> Path | None:
     """Most recent ``runs/<task>/<stamp>`` holding ``checkpoints/last.ckpt``."""
     candidates = sorted((root / task).glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
-    return candidates[-1].parent.parent if candidates else None
+    return candidates[-1].parent.parent.absolute() if candidates else None
 
 
 def assign_run_dir(cfg: DictConfig, default: str | None = None) -> None:

@@ -101,8 +101,9 @@ def settle_run_dir(cfg: DictConfig) -> None:
     with read_write(cfg), open_dict(cfg):
         if cfg.run_dir is None and _overridden(cfg, "hydra.run.dir"):
             cfg.run_dir = str(cfg.hydra.run.dir)
-        assign_run_dir(cfg, default=str(cfg.hydra.run.dir))
-        cfg.run_dir = os.path.abspath(cfg.run_dir)  # as Hydra's output_dir (and hydra.job.chdir)
+        if cfg.run_dir is not None:  # absolute, as Hydra's output_dir (and hydra.job.chdir)
+            cfg.run_dir = os.path.abspath(cfg.run_dir)
+        assign_run_dir(cfg, default=os.path.abspath(str(cfg.hydra.run.dir)))
     with read_write(cfg.hydra):
         cfg.hydra.run.dir = str(cfg.run_dir)
 
