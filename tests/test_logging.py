@@ -38,6 +38,29 @@ def test_loss_curve_averages_optimizer_steps_over_accumulated_micro_batches(tmp_
     assert restored.history[:2] == cb.history[:2]
 
 
+def test_sample_grids_go_to_a_loggers_own_log_image(tmp_path: Path) -> None:
+    """Loggers other than TensorBoard that take images (W&B-style ``log_image``) get the grid."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+    from PIL import Image
+
+    from scm_lightning.callbacks.samples import log_grid
+    from scm_lightning.images import save_grid
+
+    class ImageLogger:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def log_image(self, key: str, images: list, step: int | None = None) -> None:
+            self.calls.append((key, images, step))
+
+    path = save_grid(torch.rand(4, 1, 8, 8) * 2 - 1, tmp_path / "grid.png")
+    wandb_like = ImageLogger()
+    log_grid(SimpleNamespace(global_step=7, loggers=[DummyLogger(), wandb_like]), "s/nfe1", path)
+    ((key, images, step),) = wandb_like.calls
+    assert (key, step) == ("s/nfe1", 7) and isinstance(images[0], Image.Image)
+    assert images[0].size == Image.open(path).size
+
+
 def _events(folder: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

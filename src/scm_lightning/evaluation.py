@@ -90,7 +90,7 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     }
 
     def fd(sampler: Sampler, stage: str) -> float:
-        with progress(f"FD {stage}", n) as advance:
+        with progress(f"FD {stage}", n, trainer) as advance:  # rank 0 shows it
 
             def counted(k: int, g: torch.Generator) -> Tensor:
                 images = sampler(k, g)
