@@ -195,3 +195,23 @@ def test_ckpt_path_last_resumes_the_latest_run_in_its_own_folder(tmp_path: Path)
     assert "ckpt_path=last" in overrides  # the record is the latest invocation's
     record = yaml.safe_load((first / ".hydra" / "config.yaml").read_text())
     assert record["ckpt_path"] == str(first / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_an_input_rejected_inside_the_job_is_one_line_and_leaves_no_folder(tmp_path: Path) -> None:
+    """Caught by training.run's data check (inside Hydra's job): still one error line (no
+    Hydra report), no .hydra record, no log, and the run folder Hydra created is removed."""
+    import numpy as np
+
+    data = np.random.default_rng(0).uniform(-1, 1, (16, 1, 8, 8)).astype("f4")
+    data[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", images=data)
+    res = run_cli(
+        "pretrain", "data=tensors", f"data.path={tmp_path / 'nan.npz'}", *TINY_NET, *QUIET,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Error executing job" not in res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.lower().startswith("error")]
+    assert len(errors) == 1 and "non-finite values" in errors[0], res.stderr
+    assert not (tmp_path / "runs").exists()

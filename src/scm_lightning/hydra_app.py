@@ -239,8 +239,16 @@ class TrainingJob:
         self.command = command
         self.launch_args = launch_args
         self.record_subdir = record_subdir
+        self.error: BaseException | None = None  # the job's error (run_job keeps, not raises it)
 
     def __call__(self, cfg: DictConfig) -> dict[str, Any]:
+        try:
+            return self._run(cfg)
+        except BaseException as err:
+            self.error = err
+            raise
+
+    def _run(self, cfg: DictConfig) -> dict[str, Any]:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
@@ -292,23 +300,26 @@ def _run(hydra: Any, command: str, config_name: str, overrides: list[str], args:
     settle_run_dir(cfg)
     _validate_job(cfg)
     run_dir = Path(str(cfg.run_dir))
-    created = not run_dir.exists()
+    new_folders = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     record_subdir = cfg.hydra.output_subdir
     with read_write(cfg.hydra):
         cfg.hydra.output_subdir = None  # written by TrainingJob once the inputs are checked
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name=config_name)
+    job = TrainingJob(command, _launch_args(args), record_subdir)
     ret = run_job(
         hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-        task_function=TrainingJob(command, _launch_args(args), record_subdir),
+        task_function=job,
         config=cfg,
         job_dir_key="hydra.run.dir",
         job_subdir_key=None,
     )
     callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
-    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()  # a rejected input leaves no empty folder behind
-    _ = ret.return_value  # raises the job's error
+    if job.error is not None:  # (ret.return_value would also print Hydra's report line)
+        for folder in new_folders:  # a rejected input leaves no empty folders behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise job.error
 
 
 def _parser(command: str) -> Any:
