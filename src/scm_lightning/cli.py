@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 USAGE = """\
 usage: python -m scm_lightning {fit,pretrain,sample,evaluate,export} [--debug] [--cfg]
                               [key=value ...]
+       python -m scm_lightning {fit,pretrain} [-m] [--help] [--config-dir DIR] [key=value ...]
 
   fit       distill a teacher into a 1-2 step consistency model (sCD, or sCT with loss=sct)
   pretrain  train a TrigFlow diffusion teacher (or prepare an existing one: prepare_from=...)
@@ -24,6 +25,8 @@ usage: python -m scm_lightning {fit,pretrain,sample,evaluate,export} [--debug] [
   export    checkpoint + EMA profile -> a diffusers folder (SCMScheduler + pipeline)
 
   --cfg     print the composed config and exit     --debug  show full tracebacks
+  fit and pretrain are Hydra apps: `fit --help` lists config groups and options, `-m` sweeps
+  (fit -m optim.lr=1e-4,5e-5), hydra.run.dir= / hydra.sweep.dir= choose the run folders.
   With no overrides, `fit` distills the bundled digits teacher on a CPU in a few minutes.
 """
 
@@ -31,38 +34,20 @@ EXIT_BAD_INPUT = 2
 EXIT_RUNTIME = 1
 
 
-def _run_training(task: str, overrides: list[str], print_cfg: bool) -> int:
-    from omegaconf import OmegaConf
+def _run_training(task: str, args: list[str]) -> int:
+    from scm_lightning import hydra_app
 
-    from scm_lightning.config import compose_config, validate_config
-
-    cfg = compose_config(task, overrides)
-
-    def show_config() -> None:
-        rank = int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
-        if rank == 0:
-            from rich.console import Console
-            from rich.syntax import Syntax
-
-            Console(stderr=True).print(Syntax(OmegaConf.to_yaml(cfg), "yaml", theme="ansi_dark"))
-
-    if print_cfg:
-        show_config()
-        return 0
-    validate_config(cfg)  # before Lightning is even imported: most bad inputs fail in ~1 s
-    from scm_lightning.training import run
-
-    run(cfg, on_ready=show_config)  # printed once data, teacher and resume checks passed
-    return 0
+    return hydra_app.main(task, args)  # Hydra's flags (-m, --cfg, --help, ...) and overrides
 
 
-def _run_tool(task: str, overrides: list[str], print_cfg: bool) -> int:
+def _run_tool(task: str, args: list[str]) -> int:
     from scm_lightning import commands
 
-    return commands.main(task, overrides, print_cfg)
+    overrides = [a for a in args if a != "--cfg"]
+    return commands.main(task, overrides, print_cfg=len(overrides) < len(args))
 
 
-COMMANDS: dict[str, Callable[[str, list[str], bool], int]] = {
+COMMANDS: dict[str, Callable[[str, list[str]], int]] = {
     "fit": _run_training,
     "pretrain": _run_training,
     "sample": _run_tool,
@@ -113,8 +98,7 @@ def is_bad_input(err: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
-    print_cfg = "--cfg" in args
-    args = [a for a in args if a not in ("--debug", "--cfg")]
+    args = [a for a in args if a != "--debug"]
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if args else EXIT_BAD_INPUT
@@ -126,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_BAD_INPUT
     try:
-        return COMMANDS[command](command, overrides, print_cfg)
+        return COMMANDS[command](command, overrides)
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are intact", file=sys.stderr)
         return 130

@@ -431,7 +431,16 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def score(model: str, sampler_name: str, nfe: int, sampler: Callable[..., Tensor]) -> None:
-        images, _ = _batched(sampler, num, batch, seed, None, device, num_classes, probs)
+        from scm_lightning.progress import progress
+
+        with progress(f"{model} {sampler_name} nfe={nfe}", num) as advance:
+
+            def counted(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
+                images = sampler(n, g, lab)
+                advance(n)
+                return images
+
+            images, _ = _batched(counted, num, batch, seed, None, device, num_classes, probs)
         rows.append(
             {
                 "model": model,

@@ -91,11 +91,12 @@ def compose_config(task: str, overrides: list[str]) -> DictConfig:
 def latest_run_dir(task: str, root: Path = Path("runs")) -> Path | None:
     """Most recent ``runs/<task>/<stamp>`` holding ``checkpoints/last.ckpt``."""
     candidates = sorted((root / task).glob("*/checkpoints/last.ckpt"), key=os.path.getmtime)
-    return candidates[-1].parent.parent if candidates else None
+    return candidates[-1].parent.parent.absolute() if candidates else None
 
 
-def assign_run_dir(cfg: DictConfig) -> None:
-    """Fix ``run_dir`` once; DDP children inherit it through ``SCM_RUN_DIR``."""
+def assign_run_dir(cfg: DictConfig, default: str | None = None) -> None:
+    """Fix ``run_dir`` once: as given; else the latest run (``ckpt_path=last``); else ``default``
+    (the CLI passes ``hydra.run.dir``) or ``runs/<task>/<timestamp>``."""
     with open_dict(cfg):
         if cfg.get("ckpt_path") == "last" and cfg.run_dir is None:
             found = latest_run_dir(cfg.task)
@@ -106,12 +107,11 @@ def assign_run_dir(cfg: DictConfig) -> None:
                 )
             cfg.run_dir = str(found)
         if cfg.run_dir is None:
-            cfg.run_dir = os.environ.get("SCM_RUN_DIR") or str(
+            cfg.run_dir = default or str(
                 Path("runs") / cfg.task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             )
         if cfg.get("ckpt_path") == "last":
             cfg.ckpt_path = str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
-    os.environ["SCM_RUN_DIR"] = str(cfg.run_dir)
 
 
 # --- small typed checks -----------------------------------------------------------------

@@ -19,6 +19,7 @@ from scm_lightning.metrics.frechet import (
     accumulate_stats,
     frechet_distance_from_stats,
 )
+from scm_lightning.progress import progress
 
 Sampler = Callable[[int, torch.Generator], Tensor]
 
@@ -90,17 +91,26 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     rows: list[tuple[str, str, float]] = []  # (key, sampler, FD) for the table
     headline: list[str] = []  # result keys of the last line: best FD per model and NFE
 
-    def fd(sample: Callable[[int, torch.Generator, Tensor | None], Tensor]) -> float:
+    def fd(sample: Callable[[int, torch.Generator, Tensor | None], Tensor], stage: str) -> float:
         def sampler(k: int, g: torch.Generator) -> Tensor:  # labels first, from the same RNG
             return sample(k, g, draw_class_labels(k, num_classes, g, probs, device))
 
-        return frechet_distance_from_stats(
-            sampled_stats(sampler, n, bs, seed, feature_net, device), ref_stats
-        )
+        with progress(f"FD {stage}", n, trainer) as advance:  # rank 0 shows it
+
+            def counted(k: int, g: torch.Generator) -> Tensor:
+                images = sampler(k, g)
+                advance(k)
+                return images
+
+            stats = sampled_stats(counted, n, bs, seed, feature_net, device)
+        return frechet_distance_from_stats(stats, ref_stats)
 
     def best_of_grids(name: str, nfe: int, sample_on: Callable[..., Tensor]) -> None:
         for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
-            value = fd(lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid))
+            value = fd(
+                lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid),
+                f"{name} {teacher_sampler_name(nfe, grid)} nfe={nfe}",
+            )
             results[f"fd_{name}_nfe{nfe}_{grid}"] = value
             rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))
         scored = [g for g in grids if f"fd_{name}_nfe{nfe}_{g}" in results]
@@ -126,7 +136,8 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
                 results[key] = fd(
                     lambda k, g, lab, nfe=int(nfe): module.sample(
                         k, nfe=nfe, generator=g, class_labels=lab
-                    )
+                    ),
+                    f"student nfe={nfe}",
                 )
                 rows.append((f"student_nfe{nfe}", "consistency", results[key]))
                 headline.append(key)

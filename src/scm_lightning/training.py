@@ -251,6 +251,8 @@ def run(cfg: DictConfig, on_ready: Callable[[], None] | None = None) -> dict[str
         save_resolved_config(cfg)
     if on_ready is not None:
         on_ready()
+    for logger in trainer.loggers:  # the resolved config as hyperparameters (hparams.yaml, ...)
+        logger.log_hyperparams(module.run_config)
     phase = TrainingStarted()
     trainer.callbacks.append(phase)
     try:

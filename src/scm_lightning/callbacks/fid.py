@@ -4,8 +4,9 @@ Every ``every_n_steps`` optimizer steps (and once more when fit ends) the callba
 ``num_samples`` images per NFE with ``pl_module.sample`` (EMA weights swapped in when an
 :class:`~scm_lightning.callbacks.ema.EMA` callback is present), embeds them with the feature
 network and logs the Fréchet distance to the cached statistics of the training images as
-``fid/nfe<k>`` (monitorable by ``ModelCheckpoint``). Under DDP every rank draws its share
-with its own seed and the feature sums are all-reduced, so every rank logs the same value.
+``fid/nfe<k>``, once per measurement at its step (monitorable by ``ModelCheckpoint``). Under
+DDP every rank draws its share with its own seed and the feature sums are all-reduced, so
+every rank holds the same value.
 
 The feature network lives on this callback, never on the LightningModule, so it never
 lands in checkpoints. Samples use the same seeds at every evaluation, so the curve's
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from scm_lightning.callbacks.ema import EMA
+from scm_lightning.callbacks.loss_curve import plot_dir
 from scm_lightning.data.base import class_label_probs
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import (
@@ -36,6 +38,7 @@ from scm_lightning.metrics.frechet import (
     cached_reference_stats,
     frechet_distance_from_stats,
 )
+from scm_lightning.progress import progress
 from scm_lightning.sampling import draw_class_labels
 
 
@@ -68,7 +71,6 @@ class FIDCallback(Callback):
         labels: how labels are drawn (:func:`data.base.class_label_probs`): ``"uniform"``
             over classes or ``"data"`` (the training labels' frequencies).
         at_fit_end: evaluate once more at the end of fit unless the last step was scored.
-        sync_dist: passed to ``pl_module.log`` (values are already identical on all ranks).
     """
 
     def __init__(
@@ -89,7 +91,6 @@ class FIDCallback(Callback):
         num_classes: int | str | None = "auto",
         labels: str = "uniform",
         at_fit_end: bool = True,
-        sync_dist: bool = False,
     ) -> None:
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -115,7 +116,6 @@ class FIDCallback(Callback):
         self.num_classes = num_classes
         self.labels = str(labels)
         self.at_fit_end = bool(at_fit_end)
-        self.sync_dist = bool(sync_dist)
         self.history: list[dict[str, float]] = []  # {"step", "nfe", "fd"}
         self.last_eval_step = -1
         self.ref_computed = 0  # how many times reference stats were computed (not loaded)
@@ -202,7 +202,8 @@ class FIDCallback(Callback):
         pl_module.eval()
         results: dict[int, float] = {}
         try:
-            with swap:
+            stage = f"FID nfe={','.join(map(str, self.nfes))} (step {trainer.global_step})"
+            with swap, progress(stage, per_rank * len(self.nfes), trainer, "fid") as advance:
                 for nfe in self.nfes:
                     gen = torch.Generator(device=device).manual_seed(self.seed + rank)
                     stats = FeatureStats(net.num_features, device=device)
@@ -214,6 +215,7 @@ class FIDCallback(Callback):
                         )
                         k = max(0, min(n, keep - start))
                         accumulate_stats([x[:k]], net, device, stats)  # k = 0: nothing added
+                        advance(n)
                     results[nfe] = frechet_distance_from_stats(stats.sync(), ref)
         finally:
             pl_module.train(was_training)
@@ -234,19 +236,21 @@ class FIDCallback(Callback):
         step = trainer.global_step
         if step == 0 or step % self.every_n_steps or step == self.last_eval_step:
             return
-        for nfe, fd in self.evaluate(trainer, pl_module).items():
-            pl_module.log(
-                f"fid/nfe{nfe}", fd, on_step=True, on_epoch=False, sync_dist=self.sync_dist
-            )
+        self._log(trainer, self.evaluate(trainer, pl_module))
+
+    def _log(self, trainer: L.Trainer, results: dict[int, float]) -> None:
+        """Each measurement reaches the loggers once, at its step (``pl_module.log`` would have
+        Lightning re-log the value at every later logging step); ``callback_metrics`` keeps it
+        monitorable by ``ModelCheckpoint``. Values are identical on all ranks."""
+        metrics = {f"fid/nfe{nfe}": fd for nfe, fd in results.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end and trainer.global_step != self.last_eval_step:
-            # self.log is not allowed in on_train_end: write to the loggers directly.
-            metrics = {f"fid/nfe{n}": fd for n, fd in self.evaluate(trainer, pl_module).items()}
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective
+            self._log(trainer, self.evaluate(trainer, pl_module))
+        out_dir = plot_dir(trainer)  # a collective: every rank calls it
         if trainer.is_global_zero and self.history:
             self.write_history(out_dir)
 

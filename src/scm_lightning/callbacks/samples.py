@@ -25,10 +25,31 @@ def ema_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[st
         yield name
 
 
+def log_grid(trainer: L.Trainer, key: str, path: Path) -> None:
+    """A saved grid to every logger that takes images, at the current step: TensorBoard's
+    ``add_image``, or a logger's own ``log_image`` (Weights & Biases, ...). CSV keeps the file."""
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.loggers.logger import DummyLogger
+    from PIL import Image
+
+    with Image.open(path) as img:
+        grid = img.copy()
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            array = np.asarray(grid)
+            formats = "HW" if array.ndim == 2 else "HWC"
+            logger.experiment.add_image(key, array, global_step=step, dataformats=formats)
+        elif not isinstance(logger, DummyLogger) and callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=key, images=[grid], step=step)
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and when fit ends) save a grid per NFE with a fixed seed.
 
-    Files: ``<dirpath>/samples_step{step:07d}_nfe{n}.png`` and ``samples_final_nfe{n}.png``.
+    Files: ``<dirpath>/samples_step{step:07d}_nfe{n}.png`` and ``samples_final_nfe{n}.png``;
+    each also goes to the loggers as image ``samples/nfe{n}`` (:func:`log_grid`).
     A class-conditional model samples with labels drawn like every other evaluation path
     (``labels``: ``"uniform"`` or ``"data"``, :func:`sampling.draw_class_labels`) and also
     writes ``..._nfe{n}_per_class.png``: one row of ``per_class`` samples per class.
@@ -75,14 +96,16 @@ class SampleGrid(L.Callback):
                     self.num_samples, nfe=nfe, generator=gen, class_labels=labels
                 )
                 if trainer.is_global_zero:
-                    save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
+                    path = save_grid(images, self.dirpath / f"samples_{tag}_nfe{nfe}.png")
+                    log_grid(trainer, f"samples/nfe{nfe}", path)
                 if not num_classes or self.per_class < 1:
                     continue
                 rows = class_label_rows(num_classes, self.per_class).to(device)
                 images = pl_module.sample(len(rows), nfe=nfe, generator=gen, class_labels=rows)
                 if trainer.is_global_zero:
                     path = self.dirpath / f"samples_{tag}_nfe{nfe}_per_class.png"
-                    save_grid(images, path, nrow=self.per_class)
+                    path = save_grid(images, path, nrow=self.per_class)
+                    log_grid(trainer, f"samples/nfe{nfe}_per_class", path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
         step = trainer.global_step
