@@ -225,6 +225,7 @@ class DistillationModule(_TrigFlowModule):
         student_guidance_embedding: give the student a zero-initialised CFG-scale input.
         guidance_scale_range: ``(s_min, s_max)`` for CFG distillation (``s ~ U``), or None.
         logvar_channels: width of w_φ(t)'s positional features.
+        student_dropout: rate of every dropout layer of the student (the teacher's is ignored).
     """
 
     def __init__(
@@ -243,6 +244,7 @@ class DistillationModule(_TrigFlowModule):
         seed: int = 0,
         max_bad_steps: int = 20,
         jvp_attention: bool = True,
+        student_dropout: float = 0.0,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if mode not in ("scd", "sct"):
@@ -256,7 +258,10 @@ class DistillationModule(_TrigFlowModule):
             )
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = Student.from_teacher(
-            teacher, guidance_embedding=student_guidance_embedding, logvar_channels=logvar_channels
+            teacher,
+            guidance_embedding=student_guidance_embedding,
+            logvar_channels=logvar_channels,
+            dropout=student_dropout,
         )
         if jvp_attention:
             # Flash-style attention with an O(L) forward-mode rule for the student's JVP pass;

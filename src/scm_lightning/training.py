@@ -165,6 +165,7 @@ def build_distillation(cfg: DictConfig, dm: L.LightningDataModule) -> Distillati
         uncond_label=cfg.student.uncond_label,
         logvar_channels=cfg.student.logvar_channels,
         jvp_attention=cfg.student.jvp_attention,
+        student_dropout=cfg.student.get("dropout", 0.0),  # absent in checkpoints made before it
         t_mid=loss.t_mid,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
