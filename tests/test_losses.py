@@ -251,3 +251,47 @@ def test_reusing_the_jvp_primal_equals_two_passes(fast):
     assert len(g0) == len(g1) > 0
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class DropoutStudent(TinyStudent):
+    """TinyStudent with a dropout layer on its hidden features."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__(12)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels=None, guidance=None) -> Tensor:
+        c = self.noise_cond(t)[:, None] * self.freqs[None] * 2 * math.pi
+        emb = torch.cat([torch.cos(c), torch.sin(c)], 1).to(x.dtype)
+        h = self.drop(torch.tanh(self.inp(x.flatten(1)) + self.temb(emb)))
+        return self.out(h).view_as(x)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dropout_masks_are_shared_by_the_jvp_and_the_gradient_pass(fast):
+    """Spec §3, Dropout: one pass shares the mask by construction; two passes fork the RNG with
+    one seed, so both give the same loss and gradient (with masks that really fire)."""
+    torch.manual_seed(0)
+    student = DropoutStudent(0.3).double().train()
+    teacher = make()
+    x0 = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for reuse in (False, True):
+        student.zero_grad()
+        cfg = SCMLossConfig(reuse_primal=reuse, fast_jvp=fast)
+        out = scm_loss(student, x0, cfg, 0.6, teacher, generator=torch.Generator().manual_seed(6))
+        out.loss.backward()
+        grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # (without the shared seed the gradient pass would draw a new mask: F_θ ≠ F⁻, other loss)
+    student.drop.p = 0.0
+    no_dropout = scm_loss(
+        student, x0, SCMLossConfig(reuse_primal=False), 0.6, teacher,
+        generator=torch.Generator().manual_seed(6),
+    )  # fmt: skip
+    assert abs(float(no_dropout.loss) - float(l0)) > 1e-6  # the masks changed the loss
