@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from scm_lightning import trigflow
 from scm_lightning.losses import (
     SCMLossConfig,
+    adaptive_weighted_loss,
     normalize_tangent,
+    per_sample_sq_norm,
     rearranged_jvp,
     scm_loss,
     scm_tangent,
@@ -295,3 +297,59 @@ def test_dropout_masks_are_shared_by_the_jvp_and_the_gradient_pass(fast):
         generator=torch.Generator().manual_seed(6),
     )  # fmt: skip
     assert abs(float(no_dropout.loss) - float(l0)) > 1e-6  # the masks changed the loss
+
+
+def _theta_grad_at_the_logvar_optimum(theta, target, prior):
+    """∇θ of Σ adaptive_weighted_loss with each sample's w at its own optimum ∂L/∂w = 0, found by
+    Newton steps on autograd derivatives (no closed form assumed)."""
+    D = target.shape[1]
+    residual_sq = per_sample_sq_norm(theta - target)
+    w = torch.zeros(target.shape[0], dtype=torch.float64, requires_grad=True)
+    for _ in range(60):
+        loss = adaptive_weighted_loss(residual_sq.detach(), w, D, prior).sum()
+        (dw,) = torch.autograd.grad(loss, w, create_graph=True)
+        (d2w,) = torch.autograd.grad(dw.sum(), w)  # per-sample terms: the Hessian is diagonal
+        w = (w - dw / d2w).detach().requires_grad_(True)
+    assert float(dw.abs().max()) < 1e-12
+    loss = adaptive_weighted_loss(residual_sq, w.detach(), D, prior).sum()
+    return torch.autograd.grad(loss, theta)[0], w.detach(), residual_sq.detach()
+
+
+def test_prior_weighting_survives_the_adaptive_weighting():
+    """λ·(exp(w)/D·‖·‖² − w): at the w_φ optimum the θ-gradient of each sample is λ times the
+    unweighted one (issue 10). Weighting only exp(w)/D·‖·‖² would be cancelled by w_φ."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    prior = torch.tensor([0.5, 2.0, 3.0, 10.0], dtype=torch.float64)
+    weighted, w_prior, residual_sq = _theta_grad_at_the_logvar_optimum(theta, target, prior)
+    plain, w_plain, _ = _theta_grad_at_the_logvar_optimum(theta, target, None)
+    torch.testing.assert_close(weighted, prior[:, None] * plain, rtol=1e-10, atol=1e-14)
+    # closed forms: the optimum exp(w) = D/‖·‖² for both, and ∇θ = 2λ(θ − target)/‖·‖²
+    torch.testing.assert_close(w_prior, torch.log(6 / residual_sq), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w_plain, w_prior, rtol=1e-12, atol=1e-12)
+    closed = 2 * prior[:, None] * (theta - target).detach() / residual_sq[:, None]
+    torch.testing.assert_close(weighted, closed, rtol=1e-10, atol=1e-14)
+
+
+def test_inv_sigma_prior_scales_each_sample_of_the_scm_loss():
+    """loss.prior_weighting=inv_sigma multiplies each per-sample sCM term by 1/(σ_d tan t)."""
+    student, teacher = make(), make()
+    x0 = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    outs = {
+        kind: scm_loss(
+            student,
+            x0,
+            SCMLossConfig(prior_weighting=kind),
+            0.5,
+            teacher,
+            generator=torch.Generator().manual_seed(4),
+        )
+        for kind in ("none", "inv_sigma")
+    }
+    gen = torch.Generator().manual_seed(4)
+    t = trigflow.sample_time(6, -1.0, 1.4, SD, generator=gen).double()  # scm_loss's draws
+    prior = 1 / (SD * torch.tan(t))
+    torch.testing.assert_close(
+        outs["inv_sigma"].per_sample, prior * outs["none"].per_sample, rtol=1e-12, atol=1e-12
+    )
