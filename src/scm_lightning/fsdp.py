@@ -13,9 +13,9 @@ Why each piece:
 * ``torch.func.jvp`` works through the sharded student (the all-gathers are ordinary ops on the
   primal; the tangents pass through them), so the sCM tangent is exact. By default it runs
   with grad enabled and its primal is reused as F_θ for the loss (one pass,
-  ``losses.scm_loss``); only a separate JVP precision (``loss.jvp_precision``) or
-  ``loss.reuse_primal=false`` makes it a second, ``no_grad`` pass. Both work under FSDP2
-  (``tests/test_distributed.py`` runs the default). What fails through FSDP2 is the other
+  ``losses.scm_loss``); only a separate JVP precision (``loss.jvp_precision``) makes it a
+  second, ``no_grad`` pass. Both work under FSDP2 (``tests/test_distributed.py`` runs the
+  default and matches DDP and a single process). What fails through FSDP2 is the other
   forward-AD API, ``torch.autograd.forward_ad`` dual tensors with grad enabled (field notes);
   the project does not use it.
 * Forgetting the sharding is silent under ModelParallelStrategy: nothing averages the
