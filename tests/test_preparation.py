@@ -16,7 +16,7 @@ from scm_lightning.nets.weighting import LogVarHead
 from scm_lightning.teachers import TrigFlowNative
 from scm_lightning.teachers.edm import EDMAdapter
 from scm_lightning.teachers.loading import load_teacher
-from scm_lightning.teachers.preparation import prepare_trigflow_model
+from scm_lightning.teachers.preparation import load_prepared_teacher, prepare_trigflow_model
 from scm_lightning.teachers.schedule import ScheduleAdapter, TabulatedSchedule
 
 
@@ -147,8 +147,15 @@ def test_pretrain_prepare_from_runs_and_exports_a_trigflow_teacher(tmp_path: Pat
     EDMEulerScheduler(sigma_data=0.5, prediction_type="epsilon").save_config(folder / "scheduler")
     res = run_cli(
         "pretrain",
-        "debug=fdr",
         f"prepare_from={{_target_:scm_lightning.teachers.loading.load_teacher,path:'{folder}'}}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=8",
+        "callbacks.fid=null",
+        "callbacks.samples.num_samples=4",
+        "eval.num_samples=16",
+        "eval.batch_size=16",
         f"run_dir={tmp_path / 'run'}",
         f"export_dir={tmp_path / 'prepared'}",
         cwd=tmp_path,
@@ -157,6 +164,12 @@ def test_pretrain_prepare_from_runs_and_exports_a_trigflow_teacher(tmp_path: Pat
     assert "fd_model_nfe35=" in res.stdout.strip().splitlines()[-1]
     prepared = load_teacher(tmp_path / "prepared")
     assert isinstance(prepared, TrigFlowNative)
-    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 1.4])
-    assert torch.isfinite(prepared(x, t)).all()
     assert math.isclose(prepared.sigma_data, 0.5)
+    # the checkpoint rebuilds the same prepared teacher (EMA weights, as exported)
+    from_ckpt = load_prepared_teacher(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert isinstance(from_ckpt, TrigFlowNative) and not from_ckpt.training
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.4, 1.4])
+    with torch.no_grad():
+        out = prepared(x, t)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(from_ckpt(x, t), out, rtol=1e-5, atol=1e-6)
