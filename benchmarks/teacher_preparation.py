@@ -11,7 +11,7 @@
 4. ``‖∂F/∂t‖`` (RMS over pixels and a batch of noisy digits ``x_t``, x fixed) by float64
    central differences at several t up to t_max = arctan(80/σ_d), for the same three models.
 
-    python benchmarks/teacher_preparation.py [--teacher-steps 1500] [--prepare-steps 600]
+    python benchmarks/teacher_preparation.py [--teacher-steps 3000] [--prepare-steps 600] [--threads 1]
 
 Last line: ``fd_teacher_nfe35=… fd_rewired_nfe35=… fd_prepared_nfe35=…
 dFdt_teacher_tmax=… dFdt_prepared_tmax=…``.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,8 +72,11 @@ def train_ddpm_teacher(folder: Path, steps: int, seed: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 500 == 0 or step == steps - 1:
-            print(f"  ddpm step {step}: loss {loss.item():.4f}", flush=True)
+        if step % 200 == 0 or step == steps - 1:
+            print(
+                f"  ddpm step {step}: loss {loss.item():.4f} ({time.perf_counter():.0f} s)",
+                flush=True,
+            )
     net.eval().save_pretrained(folder / "unet")
     scheduler.save_config(folder / "scheduler")
 
@@ -94,7 +98,8 @@ def prepare_with_cli(teacher: Path, out: Path, steps: int) -> float:
         f"export_dir={out / 'prepared'}",
     ]
     print("  $ python -m scm_lightning " + " ".join(cmd[3:]), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=out)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=env)
     if res.returncode != 0:
         raise SystemExit(res.stderr[-3000:])
     last = res.stdout.strip().splitlines()[-1]
@@ -114,9 +119,9 @@ def dF_dt_rms(model, x_t: torch.Tensor, t: float, h: float = 1e-4) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-steps", type=int, default=1500)
+    parser.add_argument("--teacher-steps", type=int, default=3000)
     parser.add_argument("--prepare-steps", type=int, default=600)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
