@@ -11,7 +11,8 @@
 4. ``‖∂F/∂t‖`` (RMS over pixels and a batch of noisy digits ``x_t``, x fixed) by float64
    central differences at several t up to t_max = arctan(80/σ_d), for the same three models.
 
-    python benchmarks/teacher_preparation.py [--teacher-steps 3000] [--prepare-steps 600] [--threads 1]
+    python benchmarks/teacher_preparation.py [--teacher-steps 3000] [--prepare-steps 600]
+        [--threads 1]
 
 Last line: ``fd_teacher_nfe35=… fd_rewired_nfe35=… fd_prepared_nfe35=…
 dFdt_teacher_tmax=… dFdt_prepared_tmax=…``.
