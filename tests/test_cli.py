@@ -24,6 +24,29 @@ def test_fit_fast_dev_run_from_the_cli(tmp_path: Path, loss: str):
     assert (tmp_path / "run" / "samples" / "samples_final_nfe2.png").is_file()
 
 
+def test_fit_with_student_dropout_from_the_cli(tmp_path: Path):
+    """student.dropout=0.2 trains, validates, samples and evaluates end to end (issue 10)."""
+    run_dir = tmp_path / "run"
+    res = run_cli("fit", "debug=fdr", "student.dropout=0.2", f"run_dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("fd_teacher_nfe35=") and "fd_student_nfe2=" in last, last
+
+
+def test_student_dropout_reaches_every_layer_of_the_built_student(tmp_path: Path):
+    """The config key, through training.build_distillation, sets the student's layers (the
+    bundled teacher's own rate, 0, is what the student used to inherit)."""
+    from torch import nn
+
+    from scm_lightning.training import build_datamodule, build_distillation
+
+    cfg = compose_config("fit", ["student.dropout=0.2", f"run_dir={tmp_path}"])
+    module = build_distillation(cfg, build_datamodule(cfg))
+    rates = [m.p for m in module.student.modules() if isinstance(m, nn.Dropout)]
+    teacher = [m.p for m in module.teacher.modules() if isinstance(m, nn.Dropout)]
+    assert rates and set(rates) == {0.2} and set(teacher) == {0.0}
+
+
 def test_pretrain_fast_dev_run_from_the_cli(tmp_path: Path):
     res = run_cli(
         "pretrain",
@@ -102,3 +125,12 @@ def test_paper_cifar10_experiment_composes_with_the_paper_values(tmp_path: Path)
     assert cfg.loss.warmup_steps == 10_000 and cfg.optim.lr == 1e-4
     assert list(cfg.optim.betas) == [0.9, 0.99] and cfg.data.batch_size == 512
     assert cfg.callbacks.ema.validate_with == "halflife_500k"
+    assert cfg.student.dropout == 0.0  # App. G: sCD without dropout
+
+
+def test_paper_cifar10_sct_experiment_has_the_paper_dropout(tmp_path: Path):
+    cfg = compose_config(
+        "fit", ["experiment=cifar10_sct", f"data.root={tmp_path}", f"teacher.path={tmp_path}"]
+    )
+    assert cfg.loss.mode == "sct" and cfg.student.dropout == 0.2  # App. G: sCT CIFAR-10
+    assert (cfg.loss.p_mean, cfg.loss.p_std, cfg.optim.lr) == (-1.0, 1.4, 1e-4)

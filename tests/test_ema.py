@@ -159,9 +159,13 @@ def test_profiles_match_reference_and_validation_uses_ema() -> None:
     # Training continued with the online weights: identical to a run without EMA.
     rec_plain = Recorder()
     _, plain = fit(10, [rec_plain])
+    # (two module instances: equal up to float32 rounding, not necessarily bit for bit)
     for a, b in zip(rec.trajectory, rec_plain.trajectory, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(module.student.lin.weight, plain.student.lin.weight)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        module.student.lin.weight, plain.student.lin.weight, rtol=1e-6, atol=1e-7
+    )
     # The context manager swaps in and back.
     online = module.student.lin.weight.clone()
     with ema.swapped(module, "c") as name:

@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from scm_lightning import trigflow
 from scm_lightning.losses import (
     SCMLossConfig,
+    adaptive_weighted_loss,
     normalize_tangent,
+    per_sample_sq_norm,
     rearranged_jvp,
     scm_loss,
     scm_tangent,
@@ -73,7 +75,7 @@ def test_rearranged_jvp_matches_naive_and_finite_differences(c_noise):
     _, naive = torch.func.jvp(
         lambda x, tt: model(x, tt), (x_t / SD, t), (dxdt / SD, torch.ones_like(t))
     )
-    torch.testing.assert_close(F, model(x_t / SD, t), rtol=0, atol=0)
+    torch.testing.assert_close(F, model(x_t / SD, t), rtol=1e-12, atol=1e-12)  # JVP primal
     torch.testing.assert_close(dF, cs * naive, rtol=1e-12, atol=1e-12)
     fd = naive_dF_dt_fd(model, x_t, t, dxdt)
     torch.testing.assert_close(dF, cs * fd, rtol=1e-6, atol=1e-8)
@@ -251,3 +253,103 @@ def test_reusing_the_jvp_primal_equals_two_passes(fast):
     assert len(g0) == len(g1) > 0
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class DropoutStudent(TinyStudent):
+    """TinyStudent with a dropout layer on its hidden features."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__(12)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels=None, guidance=None) -> Tensor:
+        c = self.noise_cond(t)[:, None] * self.freqs[None] * 2 * math.pi
+        emb = torch.cat([torch.cos(c), torch.sin(c)], 1).to(x.dtype)
+        h = self.drop(torch.tanh(self.inp(x.flatten(1)) + self.temb(emb)))
+        return self.out(h).view_as(x)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dropout_masks_are_shared_by_the_jvp_and_the_gradient_pass(fast):
+    """Spec §3, Dropout: one pass shares the mask by construction; two passes fork the RNG with
+    one seed, so both give the same loss and gradient (with masks that really fire)."""
+    torch.manual_seed(0)
+    student = DropoutStudent(0.3).double().train()
+    teacher = make()
+    x0 = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = []
+    for reuse in (False, True):
+        student.zero_grad()
+        cfg = SCMLossConfig(reuse_primal=reuse, fast_jvp=fast)
+        out = scm_loss(student, x0, cfg, 0.6, teacher, generator=torch.Generator().manual_seed(6))
+        out.loss.backward()
+        grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # (without the shared seed the gradient pass would draw a new mask: F_θ ≠ F⁻, other loss)
+    student.drop.p = 0.0
+    no_dropout = scm_loss(
+        student, x0, SCMLossConfig(reuse_primal=False), 0.6, teacher,
+        generator=torch.Generator().manual_seed(6),
+    )  # fmt: skip
+    assert abs(float(no_dropout.loss) - float(l0)) > 1e-6  # the masks changed the loss
+
+
+def _theta_grad_at_the_logvar_optimum(theta, target, prior):
+    """∇θ of Σ adaptive_weighted_loss with each sample's w at its own optimum ∂L/∂w = 0, found by
+    Newton steps on autograd derivatives (no closed form assumed)."""
+    D = target.shape[1]
+    residual_sq = per_sample_sq_norm(theta - target)
+    w = torch.zeros(target.shape[0], dtype=torch.float64, requires_grad=True)
+    for _ in range(60):
+        loss = adaptive_weighted_loss(residual_sq.detach(), w, D, prior).sum()
+        (dw,) = torch.autograd.grad(loss, w, create_graph=True)
+        (d2w,) = torch.autograd.grad(dw.sum(), w)  # per-sample terms: the Hessian is diagonal
+        w = (w - dw / d2w).detach().requires_grad_(True)
+    assert float(dw.abs().max()) < 1e-12
+    loss = adaptive_weighted_loss(residual_sq, w.detach(), D, prior).sum()
+    return torch.autograd.grad(loss, theta)[0], w.detach(), residual_sq.detach()
+
+
+def test_prior_weighting_survives_the_adaptive_weighting():
+    """λ·(exp(w)/D·‖·‖² − w): at the w_φ optimum the θ-gradient of each sample is λ times the
+    unweighted one (issue 10). Weighting only exp(w)/D·‖·‖² would be cancelled by w_φ."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    prior = torch.tensor([0.5, 2.0, 3.0, 10.0], dtype=torch.float64)
+    weighted, w_prior, residual_sq = _theta_grad_at_the_logvar_optimum(theta, target, prior)
+    plain, w_plain, _ = _theta_grad_at_the_logvar_optimum(theta, target, None)
+    torch.testing.assert_close(weighted, prior[:, None] * plain, rtol=1e-10, atol=1e-14)
+    # closed forms: the optimum exp(w) = D/‖·‖² for both, and ∇θ = 2λ(θ − target)/‖·‖²
+    torch.testing.assert_close(w_prior, torch.log(6 / residual_sq), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w_plain, w_prior, rtol=1e-12, atol=1e-12)
+    closed = 2 * prior[:, None] * (theta - target).detach() / residual_sq[:, None]
+    torch.testing.assert_close(weighted, closed, rtol=1e-10, atol=1e-14)
+
+
+def test_inv_sigma_prior_scales_each_sample_of_the_scm_loss():
+    """loss.prior_weighting=inv_sigma multiplies each per-sample sCM term by 1/(σ_d tan t)."""
+    student, teacher = make(), make()
+    x0 = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    outs = {
+        kind: scm_loss(
+            student,
+            x0,
+            SCMLossConfig(prior_weighting=kind),
+            0.5,
+            teacher,
+            generator=torch.Generator().manual_seed(4),
+        )
+        for kind in ("none", "inv_sigma")
+    }
+    gen = torch.Generator().manual_seed(4)
+    t = trigflow.sample_time(6, -1.0, 1.4, SD, generator=gen).double()  # scm_loss's draws
+    prior = 1 / (SD * torch.tan(t))
+    torch.testing.assert_close(
+        outs["inv_sigma"].per_sample, prior * outs["none"].per_sample, rtol=1e-12, atol=1e-12
+    )

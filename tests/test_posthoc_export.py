@@ -49,7 +49,8 @@ def test_export_posthoc_ema_equals_the_reconstruction(tmp_path: Path, tiny_teach
     net_keys = {k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)}
     assert net_keys and net_keys.keys() == exported.keys()
     for key, value in net_keys.items():
-        torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+        # the CLI process and this one: the same sum, possibly rounded differently
+        torch.testing.assert_close(exported[key], value, rtol=1e-6, atol=1e-7)
     bad = run_cli(
         "export",
         f"ckpt={run / 'checkpoints' / 'last.ckpt'}",

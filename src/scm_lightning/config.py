@@ -236,7 +236,7 @@ LOSS_KEYS = {
 }  # fmt: skip
 STUDENT_KEYS = {
     "guidance_embedding", "guidance_scale_range", "uncond_label", "logvar_channels",
-    "jvp_attention", "gradient_checkpointing",
+    "jvp_attention", "gradient_checkpointing", "dropout",
 }  # fmt: skip
 TEACHER_FORMATS = (
     "a diffusers folder (pipeline with unet/ or transformer/ and scheduler/, or a model "
@@ -387,6 +387,7 @@ def _validate_student(cfg: DictConfig) -> None:
     _bool(cfg, "student.guidance_embedding")
     _int(cfg, "student.logvar_channels", 2)
     _int(cfg, "student.uncond_label", 0, extra=(None,))
+    _num(cfg, "student.dropout", 0, hi=1, hi_strict=True)
     rng = _get(cfg, "student.guidance_scale_range")
     if rng is not None:
         _check(

@@ -109,7 +109,7 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
             value = fd(
                 lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid),
-                f"{name} {teacher_sampler_name(nfe, grid)} nfe={nfe}",
+                f"{name} nfe={nfe} {teacher_sampler_name(nfe, grid)}",
             )
             results[f"fd_{name}_nfe{nfe}_{grid}"] = value
             rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))

@@ -11,9 +11,13 @@ Why each piece:
   parameters are still sharded when it runs: the student's ``logvar`` head (w_φ(t)) is called
   directly by the loss, hence ``extra_units``.
 * ``torch.func.jvp`` works through the sharded student (the all-gathers are ordinary ops on the
-  primal; the tangents pass through them), so the sCM tangent is exact. It runs under
-  ``no_grad`` (θ⁻ is a stop-gradient), which is also what FSDP2 needs: forward-AD dual tensors
-  with grad enabled fail through FSDP2 (field notes).
+  primal; the tangents pass through them), so the sCM tangent is exact. By default it runs
+  with grad enabled and its primal is reused as F_θ for the loss (one pass,
+  ``losses.scm_loss``); only a separate JVP precision (``loss.jvp_precision``) makes it a
+  second, ``no_grad`` pass. Both work under FSDP2 (``tests/test_distributed.py`` runs the
+  default and matches DDP and a single process). What fails through FSDP2 is the other
+  forward-AD API, ``torch.autograd.forward_ad`` dual tensors with grad enabled (field notes);
+  the project does not use it.
 * Forgetting the sharding is silent under ModelParallelStrategy: nothing averages the
   gradients, so ranks drift apart (``tests/test_distributed.py`` demonstrates it).
 """

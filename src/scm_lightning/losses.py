@@ -201,11 +201,14 @@ def normalize_tangent(
 def adaptive_weighted_loss(
     residual_sq: Tensor, logvar: Tensor, num_elements: int, prior: Tensor | None = None
 ) -> Tensor:
-    """Per-sample adaptive-weighting loss ``exp(w)/D·λ·‖·‖² − w`` (Alg. 1; EDM2 uncertainty)."""
-    weight = torch.exp(logvar) / num_elements
-    if prior is not None:
-        weight = weight * prior
-    return weight * residual_sq - logvar
+    """Per-sample adaptive-weighting loss ``λ·(exp(w)/D·‖·‖² − w)`` (Alg. 1; EDM2 uncertainty).
+
+    The prior weight λ (``(B,)``, e.g. ``1/σ``) scales the whole term, ``−w`` included: scaling
+    only ``exp(w)/D·‖·‖²`` moves the optimum to ``exp(w) = D/(λ·‖·‖²)`` and w_φ cancels λ.
+    This way the optimum stays ``exp(w) = D/‖·‖²`` and λ weights each sample's gradient.
+    """
+    per_sample = torch.exp(logvar) / num_elements * residual_sq - logvar
+    return per_sample if prior is None else prior * per_sample
 
 
 def scm_loss(

@@ -237,6 +237,7 @@ class DistillationModule(_TrigFlowModule):
         logvar_channels: width of w_φ(t)'s positional features.
         eval_guidance: the scale s a guidance-conditioned student samples with when a caller
             gives none (FID, sample grids, final evaluation; ``eval.guidance``, default 1).
+        student_dropout: rate of every dropout layer of the student (the teacher's is ignored).
     """
 
     def __init__(
@@ -256,6 +257,7 @@ class DistillationModule(_TrigFlowModule):
         max_bad_steps: int = 20,
         jvp_attention: bool = True,
         eval_guidance: float = 1.0,
+        student_dropout: float = 0.0,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if mode not in ("scd", "sct"):
@@ -269,7 +271,10 @@ class DistillationModule(_TrigFlowModule):
             )
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = Student.from_teacher(
-            teacher, guidance_embedding=student_guidance_embedding, logvar_channels=logvar_channels
+            teacher,
+            guidance_embedding=student_guidance_embedding,
+            logvar_channels=logvar_channels,
+            dropout=student_dropout,
         )
         if jvp_attention:
             # Flash-style attention with an O(L) forward-mode rule for the student's JVP pass;

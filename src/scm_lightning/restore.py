@@ -15,7 +15,7 @@ import torch
 from scm_lightning.checkpointing import load_checkpoint
 from scm_lightning.export import ema_swapped, resolve_profile
 from scm_lightning.teachers.base import TrigFlowModel
-from scm_lightning.teachers.preparation import PreparedTrigFlow
+from scm_lightning.teachers.trigflow import TrigFlowNative
 
 
 class TeacherNotLoaded(TrigFlowModel):
@@ -72,16 +72,17 @@ def rebuild_module(ckpt: dict[str, Any], with_teacher: bool = True) -> tuple[Any
     return module.eval(), cfg, dm
 
 
-def load_prepared_teacher(ckpt_path: str, ema: str | None = None) -> PreparedTrigFlow:
+def load_prepared_teacher(ckpt_path: str, ema: str | None = None) -> TrigFlowNative:
     """The prepared teacher from a ``pretrain prepare_from=...`` checkpoint (EMA weights).
 
     Use as ``teacher._target_=scm_lightning.restore.load_prepared_teacher
-    teacher.ckpt_path=...`` to distill it.
+    teacher.ckpt_path=...`` to distill it (or distill the folder ``export_dir`` wrote, which
+    ``teacher=diffusers teacher.path=...`` loads as a TrigFlow teacher).
     """
     ckpt = load_checkpoint(ckpt_path)
-    module, _, _ = rebuild_module(ckpt)
-    if not isinstance(module.student, PreparedTrigFlow):
+    if not (ckpt.get("scm_config") or {}).get("prepare_from"):
         raise ValueError(f"{ckpt_path} is not a teacher-preparation checkpoint (prepare_from)")
+    module, _, _ = rebuild_module(ckpt)
     profile = resolve_profile(ckpt, ema)
     with ema_swapped(module, ckpt, profile), torch.no_grad():
         prepared = copy.deepcopy(module.student)

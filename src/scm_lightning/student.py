@@ -5,17 +5,44 @@ of the teacher's :class:`TrigFlowModel` adapter, so it keeps the teacher's condi
 (``c_noise = t``, EDM's ``ln(σ)/4`` or a DDPM timestep, all computed from t) and
 ``student ≡ teacher`` at step 0. With CFG distillation it also takes the guidance scale s,
 through a zero-initialised embedding (or the net's own guidance input).
+
+Dropout is the student's own hyperparameter (paper App. G: sCD 0, sCT 0.20 on CIFAR-10), not
+the teacher's: :func:`set_dropout` gives every dropout layer of the copy the configured rate.
 """
 
 from __future__ import annotations
 
 import copy
 
+from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from scm_lightning.nets.weighting import LogVarHead
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
 from scm_lightning.teachers.guidance import GuidedTeacher, attach_guidance_embedding
+
+
+def set_dropout(net: nn.Module, p: float) -> int:
+    """Set every dropout layer of ``net`` to rate ``p``; returns how many layers were set.
+
+    Covers ``nn.Dropout*`` modules anywhere (diffusers ``ResnetBlock2D.dropout``, attention
+    ``to_out[1]``, feed-forwards, TrigFlowUNet's blocks), the float ``dropout`` a diffusers
+    :class:`Attention` keeps from construction, and a diffusers/TrigFlowUNet config's
+    ``dropout`` entry, so an exported or rebuilt copy reports the rate it was trained with.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"student dropout must be in [0, 1), got {p}")
+    count = 0
+    for m in net.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = float(p)
+            count += 1
+        elif isinstance(m, Attention):
+            m.dropout = float(p)
+        config = getattr(m, "config", None)
+        if hasattr(m, "register_to_config") and "dropout" in (config or {}):
+            m.register_to_config(dropout=float(p))
+    return count
 
 
 class Student(nn.Module):
@@ -40,8 +67,9 @@ class Student(nn.Module):
         guidance_embedding: bool = False,
         logvar_channels: int = 128,
         guidance_channels: int = 128,
+        dropout: float = 0.0,
     ) -> Student:
-        """Deep-copy ``teacher_model`` into a trainable student.
+        """Deep-copy ``teacher_model`` into a trainable student with dropout rate ``dropout``.
 
         A :class:`GuidedTeacher` is unwrapped: the student copies the plain conditional model
         and, with ``guidance_embedding=True``, learns the scale s as an input instead — via a
@@ -52,6 +80,7 @@ class Student(nn.Module):
         if not isinstance(base, TrigFlowModel):
             raise TypeError(f"teacher_model must be a TrigFlowModel, got {type(base)!r}")
         net = copy.deepcopy(base)
+        set_dropout(net, dropout)  # the teacher's own rate is not the student's (App. G)
         net.requires_grad_(True)
         net.train()
         if guidance_embedding:

@@ -172,6 +172,7 @@ def build_distillation(
         logvar_channels=cfg.student.logvar_channels,
         jvp_attention=cfg.student.jvp_attention,
         eval_guidance=float(cfg.eval.get("guidance", 1.0)),
+        student_dropout=cfg.student.get("dropout", 0.0),  # absent in checkpoints made before it
         t_mid=loss.t_mid,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
