@@ -164,5 +164,5 @@ def test_evaluate_shows_progress(logged_run: dict) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stderr.splitlines()
-    assert any("teacher ddim nfe=2" in ln and "8/8" in ln for ln in lines), res.stderr
+    assert any("teacher ddim/" in ln and "nfe=2" in ln and "8/8" in ln for ln in lines), res.stderr
     assert any("student consistency nfe=1" in ln and "8/8" in ln for ln in lines), res.stderr
