@@ -283,6 +283,14 @@ def _validate_trainer(cfg: DictConfig) -> None:
         accelerator,
         f"one of {list(ACCELERATORS)}",
     )
+    if "compile" in cfg.trainer:
+        _bool(cfg, f"{tr}.compile")
+        _check(
+            not cfg.trainer.compile or cfg.task == "fit",
+            f"{tr}.compile",
+            cfg.trainer.compile,
+            "false for pretrain (trainer.compile compiles the sCD/sCT step of `fit`)",
+        )
     _int(cfg, f"{tr}.num_nodes", 1)
     _int(cfg, f"{tr}.max_steps", 1, extra=(-1, None))
     _int(cfg, f"{tr}.max_epochs", 1, extra=(-1, None))
