@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
 from scm_lightning.jvp.install import install_jvp_attention
 from scm_lightning.losses import SCMLossConfig, compiled_rearranged_jvp, scm_loss
 from scm_lightning.nets.student import Student
 from scm_lightning.teachers.loading import load_teacher
 from scm_lightning.teachers.trigflow import TrigFlowNative
-
-from conftest import run_cli
 
 pytestmark = pytest.mark.slow  # every test here compiles (seconds each on 2 cores)
 

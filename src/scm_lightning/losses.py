@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from scm_lightning import trigflow
+from scm_lightning.jvp.compiled import compilable_jvp
 from scm_lightning.jvp.fast import fast_jvp
 from scm_lightning.trigflow import expand_like
 
@@ -148,8 +149,9 @@ def compiled_rearranged_jvp(student: nn.Module, **compile_kwargs: object) -> Stu
     with its parameters and buffers as graph inputs: calling the module itself inside a
     compiled ``torch.func.jvp`` trips an internal assert (torch 2.14). Dynamo cannot trace
     ``autograd.Function`` s with a custom ``jvp``, so inside the graph the lean rules of
-    jvp/fast.py step aside for PyTorch's generic forward-AD formulas (Inductor fuses them) and
-    ``JVPAttnProcessor`` differentiates plain math attention (O(L²) memory per head).
+    jvp/fast.py step aside for PyTorch's generic forward-AD formulas (Inductor fuses them;
+    GroupNorm goes through :mod:`scm_lightning.jvp.compiled`) and ``JVPAttnProcessor``
+    differentiates plain math attention (O(L²) memory per head).
     A no-grad pass of a student with active dropout (two passes: its masks must match the
     eager gradient pass, and compiled RNG differs) runs eagerly.
     """
@@ -158,9 +160,11 @@ def compiled_rearranged_jvp(student: nn.Module, **compile_kwargs: object) -> Stu
         def model(x: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None):
             return torch.func.functional_call(student, state, (x, t, labels, guidance))
 
-        return rearranged_jvp(model, *args, fast=False, **kwargs)  # type: ignore[arg-type]
+        with compilable_jvp():
+            return rearranged_jvp(model, *args, fast=False, **kwargs)  # type: ignore[arg-type]
 
-    compiled = torch.compile(functional_jvp, **compile_kwargs)  # type: ignore[arg-type]
+    # fullgraph: a graph break inside torch.func.jvp would silently fall back to eager.
+    compiled = torch.compile(functional_jvp, fullgraph=True, **compile_kwargs)  # type: ignore
     log.info(
         "compiled student JVP: the lean forward-AD rules (jvp/fast.py) and the JVP attention "
         "step aside inside the graph (Dynamo cannot trace autograd.Functions with a custom jvp); "
