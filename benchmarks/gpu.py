@@ -18,6 +18,7 @@ fused forward> ... step_cost_ratio_bf16=<eager> step_cost_ratio_bf16_compiled=<.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -60,11 +61,12 @@ def attention(figures: dict[str, float]) -> None:
         )
         t = tuple(torch.randn_like(x) for x in p)
         res = {}
-        for name, fn in (
-            ("fused_fwd", lambda: F.scaled_dot_product_attention(*p)),
-            ("triton", lambda: torch.func.jvp(jvp_attention, p, t)),
-            ("math", lambda: torch.func.jvp(math_attention, p, t)),
-        ):
+        variants = {
+            "fused_fwd": functools.partial(F.scaled_dot_product_attention, *p),
+            "triton": functools.partial(torch.func.jvp, jvp_attention, p, t),
+            "math": functools.partial(torch.func.jvp, math_attention, p, t),
+        }
+        for name, fn in variants.items():
             try:
                 with torch.no_grad():
                     res[name] = _time_and_peak(fn)

@@ -48,6 +48,39 @@ def networks() -> dict[str, tuple[torch.nn.Module, tuple[int, ...]]]:
     }
 
 
+def measure(teacher: torch.nn.Module, shape: tuple[int, ...], batch: int, reps: int) -> dict:
+    """Median seconds per batch: 1- and 2-step student, 35-NFE Heun teacher (interleaved)."""
+    student = Student.from_teacher(teacher).eval()
+    sd = teacher.sigma_data
+    noise = sd * torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    runs = {
+        "student_nfe1": (
+            sampling.consistency_sample,
+            student,
+            noise,
+            sampling.consistency_times(1, sigma_data=sd),
+            sd,
+        ),
+        "student_nfe2": (
+            sampling.consistency_sample,
+            student,
+            noise,
+            sampling.consistency_times(2, sigma_data=sd),
+            sd,
+        ),
+        "teacher_nfe35": (sampling.teacher_sample, teacher, noise, sd, 35),
+    }
+    for fn, *fn_args in runs.values():  # warm-up
+        fn(*fn_args)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, (fn, *fn_args) in runs.items():
+            t0 = time.perf_counter()
+            fn(*fn_args)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,29 +91,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     figures: dict[str, float] = {}
     for name, (teacher, shape) in networks().items():
-        teacher = teacher.requires_grad_(False).eval()
-        student = Student.from_teacher(teacher).eval()
-        sd = teacher.sigma_data
         batch = args.batch if name == "digits" else max(args.batch // 8, 1)
-        noise = sd * torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-        runs = {
-            "student_nfe1": lambda: sampling.consistency_sample(
-                student, noise, sampling.consistency_times(1, sigma_data=sd), sd
-            ),
-            "student_nfe2": lambda: sampling.consistency_sample(
-                student, noise, sampling.consistency_times(2, sigma_data=sd), sd
-            ),
-            "teacher_nfe35": lambda: sampling.teacher_sample(teacher, noise, sd, 35),
-        }
-        for fn in runs.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(args.reps):
-            for k, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = measure(teacher.requires_grad_(False).eval(), shape, batch, args.reps)
         print(f"{name}: batch {batch}, {args.threads} threads, median of {args.reps}")
         for k, t in med.items():
             print(f"  {k:14s} {t * 1e3:9.1f} ms  {batch / t:10.0f} images/s")
