@@ -229,6 +229,8 @@ PRECISIONS = {
     "transformer-engine",
     "transformer-engine-float16",
 }
+# trainer.compile: true = "inductor"; "eager"/"aot_eager" trace without code generation (tests).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu", "xla")
 LOSS_KEYS = {
     "mode", "sigma_data", "p_mean", "p_std", "tangent_norm_c", "spatially_invariant_norm",
@@ -284,7 +286,13 @@ def _validate_trainer(cfg: DictConfig) -> None:
         f"one of {list(ACCELERATORS)}",
     )
     if "compile" in cfg.trainer:
-        _bool(cfg, f"{tr}.compile")
+        backend = _get(cfg, f"{tr}.compile")
+        _check(
+            isinstance(backend, bool) or backend in COMPILE_BACKENDS,
+            f"{tr}.compile",
+            backend,
+            f"true, false or a torch.compile backend, one of {list(COMPILE_BACKENDS)}",
+        )
         _check(
             not cfg.trainer.compile or cfg.task == "fit",
             f"{tr}.compile",

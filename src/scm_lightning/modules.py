@@ -278,14 +278,14 @@ class DistillationModule(_TrigFlowModule):
         self.student_jvp: StudentJVP = rearranged_jvp  # compile_step() swaps in a compiled one
         self._register_teacher_state_hooks()
 
-    def compile_step(self) -> None:
+    def compile_step(self, backend: str = "inductor") -> None:
         """``trainer.compile``: torch.compile the student's JVP pass and the teacher's forward.
 
         The student module itself stays uncompiled (sampling, EMA, export and checkpoints see
         the same module and state-dict keys); the teacher is compiled in place.
         """
-        self.student_jvp = compiled_rearranged_jvp(self.student)
-        self.teacher.compile()
+        self.student_jvp = compiled_rearranged_jvp(self.student, backend=backend)
+        self.teacher.compile(backend=backend)
 
     # -- the frozen teacher never trains and never lands in a checkpoint ------------------
     def train(self, mode: bool = True) -> DistillationModule:

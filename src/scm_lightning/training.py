@@ -237,8 +237,9 @@ def run(cfg: DictConfig, on_ready: Callable[[], None] | None = None) -> dict[str
         check_resume_state(resume, module)
         del resume
     apply_fsdp_settings(module, cfg.trainer)
-    if cfg.trainer.get("compile", False):
-        module.compile_step()  # fit only: validation refuses it for pretrain
+    compile_backend = cfg.trainer.get("compile", False)
+    if compile_backend:  # fit only: validation refuses it for pretrain
+        module.compile_step("inductor" if compile_backend is True else str(compile_backend))
     if (cfg.get("student") or {}).get("gradient_checkpointing", False):
         module.enable_gradient_checkpointing()
     callbacks = build_callbacks(cfg)
