@@ -7,7 +7,7 @@ step: the student's JVP pass (``losses.compiled_rearranged_jvp``) and the teache
 by ``torch.compile`` (Inductor), compile time excluded; its ratio is against the eager
 diffusion step. Peak memory of one step (sCD default vs diffusion, with and without
 gradient checkpointing) is measured in a fresh subprocess per cell: CPU, growth of the peak
-RSS over its value once the model and optimiser state exist; CUDA, ``max_memory_allocated``
+RSS (VmHWM) over its value once the model and optimiser state exist; CUDA, ``max_memory_allocated``
 over ``memory_allocated``. Where a time goal (≤ 1.8× CIFAR-sized, ≤ 2.0× digits) is missed,
 the sCD step's self time by op kind (torch.profiler) is printed.
 
@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -172,6 +172,27 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_peak_reset() -> int:
+    """Reset the peak-RSS mark to the current RSS (Linux) and return it in bytes.
+
+    ``getrusage``'s ru_maxrss survives ``execve`` (a child spawned by a large parent starts at
+    the parent's size), so the per-process ``VmHWM`` is read instead, reset via clear_refs.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def rss_peak() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
 def _memory_child(config: str, variant: str, checkpointing: bool, threads: int) -> dict:
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,12 +209,12 @@ def _memory_child(config: str, variant: str, checkpointing: bool, threads: int) 
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = rss_peak_reset()
     bench.step(variant)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = rss_peak() - base
     return {"peak_bytes": max(peak, 0), "device": device}
 
 
