@@ -211,10 +211,7 @@ def _memory_child(config: str, variant: str, checkpointing: bool, threads: int) 
     else:
         base = rss_peak_reset()
     bench.step(variant)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = rss_peak() - base
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else rss_peak()) - base
     return {"peak_bytes": max(peak, 0), "device": device}
 
 
