@@ -112,7 +112,7 @@ def test_cli_fit_with_trainer_compile(tmp_path):
     [
         (
             ("fit", "trainer.compile=yes"),
-            "trainer.compile='yes' is invalid: expected true or false",
+            "trainer.compile='yes' is invalid: expected true, false or a torch.compile backend",
         ),
         (("pretrain", "trainer.compile=true"), "trainer.compile=True is invalid: expected false"),
     ],
