@@ -1,7 +1,8 @@
 """Time and peak memory of attention + JVP: ours (spec §6) vs torch.func.jvp through math.
 
 Each (variant, length) runs in a fresh subprocess; CPU peak memory is the growth of the
-process's peak RSS (``resource.getrusage``) over its value once the inputs exist, so both
+process's peak RSS (``VmHWM``, reset once the inputs exist; ``ru_maxrss`` would start at the
+parent's peak, as it survives ``execve``), so both
 variants are charged exactly for what the attention JVP allocates. On CUDA the script also
 times the Triton kernel, with ``torch.cuda.max_memory_allocated``.
 
@@ -19,13 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 HEAD_DIM = 64
 VARIANTS = ("math", "ours", "fused_fwd")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def rss_peak_reset() -> int:
+    """Reset the peak-RSS mark (Linux clear_refs) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def rss_peak() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _child(variant: str, length: int, batch: int, heads: int, device: str, threads: int) -> dict:
@@ -62,17 +78,14 @@ def _child(variant: str, length: int, batch: int, heads: int, device: str, threa
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = rss_peak_reset()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 4 or (time.perf_counter() - start < 2.0 and len(times) < 30):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss_peak()) - base
     # First call excluded (warm-up); min of the rest: the machine is shared.
     return {"time_s": min(times[1:]), "peak_bytes": max(peak, 0), "reps": len(times) - 1}
 
