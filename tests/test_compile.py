@@ -115,6 +115,10 @@ def test_cli_fit_with_trainer_compile(tmp_path):
             "trainer.compile='yes' is invalid: expected true, false or a torch.compile backend",
         ),
         (("pretrain", "trainer.compile=true"), "trainer.compile=True is invalid: expected false"),
+        (
+            ("fit", "trainer=fsdp", "trainer.compile=true"),
+            "trainer.compile=True is invalid: expected false with trainer=fsdp",
+        ),
     ],
 )
 def test_trainer_compile_refused_before_work(tmp_path, args, expected):

@@ -299,6 +299,12 @@ def _validate_trainer(cfg: DictConfig) -> None:
             cfg.trainer.compile,
             "false for pretrain (trainer.compile compiles the sCD/sCT step of `fit`)",
         )
+        _check(
+            not cfg.trainer.compile or cfg.trainer.get("strategy") != "fsdp2",
+            f"{tr}.compile",
+            cfg.trainer.compile,
+            "false with trainer=fsdp (the compiled JVP is not tested on sharded students)",
+        )
     _int(cfg, f"{tr}.num_nodes", 1)
     _int(cfg, f"{tr}.max_steps", 1, extra=(-1, None))
     _int(cfg, f"{tr}.max_epochs", 1, extra=(-1, None))
