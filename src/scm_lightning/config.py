@@ -229,6 +229,8 @@ PRECISIONS = {
     "transformer-engine",
     "transformer-engine-float16",
 }
+# trainer.compile: true = "inductor"; "eager"/"aot_eager" trace without code generation (tests).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu", "xla")
 LOSS_KEYS = {
     "mode", "sigma_data", "p_mean", "p_std", "tangent_norm_c", "spatially_invariant_norm",
@@ -291,6 +293,26 @@ def _validate_trainer(cfg: DictConfig) -> None:
         "bf16-mixed or 32-true on the CPU: fp16 autocast training is not supported there "
         "(Lightning would silently switch to bf16-mixed)",
     )
+    if "compile" in cfg.trainer:
+        backend = _get(cfg, f"{tr}.compile")
+        _check(
+            isinstance(backend, bool) or backend in COMPILE_BACKENDS,
+            f"{tr}.compile",
+            backend,
+            f"true, false or a torch.compile backend, one of {list(COMPILE_BACKENDS)}",
+        )
+        _check(
+            not cfg.trainer.compile or cfg.task == "fit",
+            f"{tr}.compile",
+            cfg.trainer.compile,
+            "false for pretrain (trainer.compile compiles the sCD/sCT step of `fit`)",
+        )
+        _check(
+            not cfg.trainer.compile or cfg.trainer.get("strategy") != "fsdp2",
+            f"{tr}.compile",
+            cfg.trainer.compile,
+            "false with trainer=fsdp (the compiled JVP is not tested on sharded students)",
+        )
     _int(cfg, f"{tr}.num_nodes", 1)
     _int(cfg, f"{tr}.max_steps", 1, extra=(-1, None))
     _int(cfg, f"{tr}.max_epochs", 1, extra=(-1, None))
@@ -379,6 +401,14 @@ def _validate_fit_precision(cfg: DictConfig) -> None:
         jvp,
         "null, 32 or 64 with trainer.precision=64-true: autocast leaves float64 weights "
         "alone, so a bf16/16 JVP would silently run in float64",
+    )
+    compiled = cfg.trainer.get("compile", False)
+    _check(
+        jvp is None or not compiled,
+        "loss.jvp_precision",
+        jvp,
+        f"null with trainer.compile={compiled}: the compiled JVP runs in the run's precision "
+        "(a separate JVP precision casts the weights outside the compiled graph)",
     )
 
 

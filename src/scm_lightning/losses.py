@@ -9,6 +9,7 @@ TrigFlowModel`-like callable ``F = model(x_t/σ_d, t, class_labels, guidance)``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,10 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from scm_lightning import trigflow
+from scm_lightning.jvp.compiled import compilable_jvp
 from scm_lightning.jvp.fast import fast_jvp
 from scm_lightning.trigflow import expand_like
 
 TrigFlowFn = Callable[..., Tensor]
+StudentJVP = Callable[..., tuple[Tensor, Tensor]]  # rearranged_jvp's signature
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,59 @@ def _weights_in(model: TrigFlowFn, dtype: torch.dtype) -> dict[str, Tensor] | No
     }
 
 
+def compiled_rearranged_jvp(student: nn.Module, **compile_kwargs: object) -> StudentJVP:
+    """:func:`rearranged_jvp` of ``student`` traced and compiled by ``torch.compile``.
+
+    Returns a drop-in for :func:`rearranged_jvp` (same arguments and results) for
+    ``scm_loss(..., student_jvp=...)``. The student runs through ``torch.func.functional_call``
+    with its parameters and buffers as graph inputs: calling the module itself inside a
+    compiled ``torch.func.jvp`` trips an internal assert (torch 2.14). Dynamo cannot trace
+    ``autograd.Function`` s with a custom ``jvp``, so inside the graph the lean rules of
+    jvp/fast.py step aside for PyTorch's generic forward-AD formulas (Inductor fuses them;
+    GroupNorm goes through :mod:`scm_lightning.jvp.compiled`) and ``JVPAttnProcessor``
+    differentiates plain math attention (O(L²) memory per head).
+    A no-grad pass of a student with active dropout (two passes: its masks must match the
+    eager gradient pass, and compiled RNG differs) runs eagerly.
+    """
+
+    def functional_jvp(state: dict[str, Tensor], *args: object, **kwargs: object):
+        def model(x: Tensor, t: Tensor, labels: Tensor | None, guidance: Tensor | None):
+            return torch.func.functional_call(student, state, (x, t, labels, guidance))
+
+        with compilable_jvp():
+            return rearranged_jvp(model, *args, fast=False, **kwargs)  # type: ignore[arg-type]
+
+    # fullgraph: a graph break inside torch.func.jvp would silently fall back to eager.
+    compiled = torch.compile(functional_jvp, fullgraph=True, **compile_kwargs)  # type: ignore
+    log.info(
+        "compiled student JVP: the lean forward-AD rules (jvp/fast.py) and the JVP attention "
+        "step aside inside the graph (Dynamo cannot trace autograd.Functions with a custom jvp); "
+        "Inductor fuses the generic forward-AD formulas and differentiates math attention"
+    )
+
+    def student_jvp(
+        model: TrigFlowFn,
+        x_t: Tensor,
+        t: Tensor,
+        dxdt: Tensor,
+        sigma_data: float,
+        class_labels: Tensor | None = None,
+        guidance: Tensor | None = None,
+        jvp_dtype: torch.dtype | None = None,
+        fast: bool = True,
+        with_grad: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        if model is not student:
+            raise ValueError("compiled_rearranged_jvp: called with a module it was not built for")
+        args = (x_t, t, dxdt, sigma_data, class_labels, guidance, jvp_dtype)
+        if not with_grad and has_active_dropout(student):
+            return rearranged_jvp(student, *args, fast=fast, with_grad=with_grad)
+        state = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+        return compiled(state, *args, with_grad=with_grad)
+
+    return student_jvp
+
+
 def scm_tangent(
     x_t: Tensor,
     t: Tensor,
@@ -221,6 +279,7 @@ def scm_loss(
     guidance: Tensor | None = None,
     teacher_guidance: Callable[[Tensor, Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
+    student_jvp: StudentJVP = rearranged_jvp,
 ) -> SCMLossOutput:
     """One sCD (``teacher`` given) or sCT (``teacher=None``) loss evaluation (Algorithm 1).
 
@@ -231,6 +290,7 @@ def scm_loss(
         r: tangent warmup factor in [0, 1] (multiplies the second term of g only).
         teacher: ``F_teacher(x_t/σ_d, t, labels, guidance)`` for sCD; None for sCT.
         teacher_guidance: optional ``(x_t, t) -> dx_t/dt`` used instead of ``teacher`` (CFG).
+        student_jvp: :func:`rearranged_jvp` or a drop-in (:func:`compiled_rearranged_jvp`).
     """
     sd = cfg.sigma_data
     batch = x0.shape[0]
@@ -263,7 +323,7 @@ def scm_loss(
         and not uses_gradient_checkpointing(student)
     )
     with same_rng(seed, x0.device):
-        F_out, dF = rearranged_jvp(
+        F_out, dF = student_jvp(
             student, x_t, t, dxdt, sd, class_labels, guidance, cfg.jvp_dtype, cfg.fast_jvp, reuse
         )
     F_minus, dF = F_out.detach(), dF.detach()

@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from scm_lightning import sampling
-from scm_lightning.losses import SCMLossConfig, diffusion_loss, scm_loss
+from scm_lightning.losses import (
+    SCMLossConfig,
+    StudentJVP,
+    compiled_rearranged_jvp,
+    diffusion_loss,
+    rearranged_jvp,
+    scm_loss,
+)
 from scm_lightning.nets.weighting import LogVarHead
 from scm_lightning.student import Student
 from scm_lightning.teachers.base import TrigFlowModel
@@ -296,7 +303,17 @@ class DistillationModule(_TrigFlowModule):
         self.eval_guidance = float(eval_guidance)
         self.t_mid = float(t_mid)
         self.tangent_warmup_r = 1.0  # set each step by the TangentWarmup callback
+        self.student_jvp: StudentJVP = rearranged_jvp  # compile_step() swaps in a compiled one
         self._register_teacher_state_hooks()
+
+    def compile_step(self, backend: str = "inductor") -> None:
+        """``trainer.compile``: torch.compile the student's JVP pass and the teacher's forward.
+
+        The student module itself stays uncompiled (sampling, EMA, export and checkpoints see
+        the same module and state-dict keys); the teacher is compiled in place.
+        """
+        self.student_jvp = compiled_rearranged_jvp(self.student, backend=backend)
+        self.teacher.compile(backend=backend)
 
     # -- the frozen teacher never trains and never lands in a checkpoint ------------------
     def train(self, mode: bool = True) -> DistillationModule:
@@ -383,6 +400,7 @@ class DistillationModule(_TrigFlowModule):
             guidance=guidance,
             teacher_guidance=teacher_velocity,
             generator=gen,
+            student_jvp=self.student_jvp,
         )
         self.log_dict(
             {
@@ -417,6 +435,7 @@ class DistillationModule(_TrigFlowModule):
                 guidance=guidance,
                 teacher_guidance=self._guided_teacher_velocity(class_labels, guidance),
                 generator=gen,
+                student_jvp=self.student_jvp,
             )
         self.log("val/loss", out.loss, sync_dist=True, prog_bar=True)
 

@@ -121,7 +121,8 @@ def apply_fsdp_settings(module: L.LightningModule, trainer_cfg: DictConfig) -> N
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback]) -> L.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.pop("fsdp", None)  # ours, not a Trainer argument
+    kwargs.pop("fsdp", None)  # ours, not Trainer arguments
+    kwargs.pop("compile", None)
     kwargs.pop("strategy", None)
     strategy = build_strategy(cfg.trainer)
     # Crash-safe checkpoint writes (temp file + fsync + rename); FSDP/ModelParallel strategies
@@ -244,6 +245,9 @@ def run(cfg: DictConfig, on_ready: Callable[[], None] | None = None) -> dict[str
         check_resume_state(resume, module)
         del resume
     apply_fsdp_settings(module, cfg.trainer)
+    compile_backend = cfg.trainer.get("compile", False)
+    if compile_backend:  # fit only: validation refuses it for pretrain
+        module.compile_step("inductor" if compile_backend is True else str(compile_backend))
     if (cfg.get("student") or {}).get("gradient_checkpointing", False):
         module.enable_gradient_checkpointing()
     callbacks = build_callbacks(cfg)

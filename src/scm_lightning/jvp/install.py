@@ -83,7 +83,14 @@ class JVPAttnProcessor:
             key = attn.norm_k(key)
 
         scale = attn.scale if self.classic else None
-        hidden_states = jvp_attention(query, key, value, scale=scale, block_size=self.block_size)
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace jvp_attention's custom-jvp Function: inside a compiled graph
+            # (trainer.compile) attention is plain math, which forward AD differentiates.
+            hidden_states = _math_attention(query, key, value, scale)
+        else:
+            hidden_states = jvp_attention(
+                query, key, value, scale=scale, block_size=self.block_size
+            )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -98,6 +105,12 @@ class JVPAttnProcessor:
         hidden_states = hidden_states / attn.rescale_output_factor
         # Contiguous: GroupNorm's forward-AD rule rejects strided inputs on torch 2.13.
         return hidden_states.contiguous()
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
+    """``softmax(q kᵀ·scale) v`` with explicit ops (default scale 1/√head_dim, as SDPA)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
 
 
 def _unsupported_reason(attn: Attention) -> str | None:
