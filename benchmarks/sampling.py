@@ -18,10 +18,10 @@ import statistics
 import time
 
 import torch
-from scm_lightning.student import Student
 
 from scm_lightning import sampling
 from scm_lightning.nets.trigflow_unet import TrigFlowUNet
+from scm_lightning.student import Student
 from scm_lightning.teachers.loading import load_teacher
 from scm_lightning.teachers.trigflow import TrigFlowNative
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from scm_lightning.student import Student
 
 from conftest import run_cli
 from scm_lightning.jvp.install import install_jvp_attention
 from scm_lightning.losses import SCMLossConfig, compiled_rearranged_jvp, scm_loss
+from scm_lightning.student import Student
 from scm_lightning.teachers.loading import load_teacher
 from scm_lightning.teachers.trigflow import TrigFlowNative
 
