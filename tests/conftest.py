@@ -20,6 +20,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Reference statistics and cached teacher rows go to a per-session folder, not ~/.cache
+    (the CLI subprocesses inherit the variable)."""
+    old = os.environ.get("SCM_CACHE_DIR")
+    os.environ["SCM_CACHE_DIR"] = str(tmp_path_factory.mktemp("scm_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SCM_CACHE_DIR", None)
+    else:
+        os.environ["SCM_CACHE_DIR"] = old
+
+
 def write_tiny_teacher(path: Path, seed: int = 0, sample_size: int = 8) -> Path:
     """A random TrigFlowUNet teacher folder (unet/ + SCMScheduler config), loadable offline."""
     from diffusers import SCMScheduler

@@ -123,7 +123,7 @@ def test_sampling_uses_eval_guidance_by_default() -> None:
 def _trainer(dm: DigitsDataModule) -> SimpleNamespace:
     return SimpleNamespace(
         global_rank=0, world_size=1, callbacks=[], datamodule=dm, global_step=0,
-        is_global_zero=True,
+        is_global_zero=True, loggers=[],
     )  # fmt: skip
 
 

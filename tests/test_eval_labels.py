@@ -87,7 +87,9 @@ def _dm_with_labels(labels: Tensor) -> SimpleNamespace:
 
 def test_sample_grid_uses_labels_and_writes_a_per_class_grid(tmp_path: Path) -> None:
     module = RecordingModule()
-    trainer = SimpleNamespace(is_global_zero=True, callbacks=[], datamodule=None)
+    trainer = SimpleNamespace(
+        is_global_zero=True, callbacks=[], datamodule=None, global_step=0, loggers=[]
+    )
     SampleGrid(str(tmp_path), nfes=(1,), num_samples=6, per_class=3).on_fit_end(trainer, module)
     (_, drawn), (_, rows) = module.calls
     want = draw_class_labels(6, K, torch.Generator().manual_seed(1234))  # the grid's seed
@@ -108,7 +110,7 @@ def test_final_quality_evaluate_and_fid_draw_the_same_labels(tmp_path: Path) -> 
     command (commands._batched) draws the very same labels for the same seed and batch size."""
     dm = DigitsDataModule(batch_size=8, seed=0, val_size=8, num_workers=0, conditional=True)
     module = RecordingModule()
-    trainer = SimpleNamespace(callbacks=[])
+    trainer = SimpleNamespace(callbacks=[], is_global_zero=True)
     cfg = OmegaConf.create(
         {"eval": {"feature": "digits", "num_samples": 10, "batch_size": 4, "seed": 3,
                   "student_nfes": [1], "teacher_nfes": [2], "teacher_grids": ["edm"],
@@ -136,6 +138,7 @@ def test_final_quality_evaluate_and_fid_draw_the_same_labels(tmp_path: Path) -> 
     fid = FIDCallback(nfes=(1,), num_samples=4, batch_size=4, labels="data", seed=5,
                       ref_cache_dir=str(tmp_path))  # fmt: skip
     fid_trainer = SimpleNamespace(global_rank=0, world_size=1, callbacks=[], global_step=0,
+                                  is_global_zero=True,
                                   datamodule=dm)  # fmt: skip
     fid_trainer.datamodule = SimpleNamespace(
         num_classes=K, base_dataset=only_sevens.base_dataset, config_key=dm.config_key,
@@ -160,3 +163,41 @@ def test_sample_command_draws_labels_with_the_shared_helper() -> None:
         lambda n, g, lab: torch.zeros(n, 1, 8, 8), 7, 3, 0, given, torch.device("cpu"), K
     )
     assert torch.equal(same, given)
+
+
+def test_teacher_rows_are_cached_by_teacher_weights_and_settings(tmp_path: Path) -> None:
+    """The frozen teacher's FD rows are read back from ``eval.cache_dir`` when the teacher's
+    weights and every sampler setting match, and recomputed when any of them changes."""
+    dm = DigitsDataModule(batch_size=8, seed=0, val_size=8, num_workers=0, conditional=True)
+    module = RecordingModule()
+    module.teacher = nn.Linear(3, 3)
+    module.image_shape, module.t_mid = (1, 8, 8), 1.1
+    module.guidance_scale_range, module.uncond_label, module.eval_guidance = None, None, 1.0
+    cfg = OmegaConf.create(
+        {"eval": {"feature": "digits", "num_samples": 10, "batch_size": 4, "seed": 3,
+                  "student_nfes": [1], "teacher_nfes": [3, 2],
+                  "teacher_grids": ["edm", "uniform"], "cache_dir": str(tmp_path / "cache")}}
+    )  # fmt: skip
+    trainer = SimpleNamespace(callbacks=[], is_global_zero=True)
+
+    def teacher_calls() -> int:
+        return sum(who == "teacher" for who, _ in module.calls)
+
+    first = final_quality(cfg, module, dm, trainer)
+    computed = teacher_calls()
+    assert computed > 0 and len(list((tmp_path / "cache").glob("samples-*.npz"))) == 4
+    module.calls.clear()
+    again = final_quality(cfg, module, dm, trainer)
+    assert teacher_calls() == 0 and any(who == "sample" for who, _ in module.calls)
+    teacher_keys = [k for k in first if k.startswith(("fd_teacher", "teacher_grid"))]
+    assert teacher_keys and all(again[k] == first[k] for k in teacher_keys)
+    module.calls.clear()
+    cfg.eval.seed = 4  # another seed: other samples
+    final_quality(cfg, module, dm, trainer)
+    assert teacher_calls() == computed
+    module.calls.clear()
+    with torch.no_grad():
+        module.teacher.weight.add_(1e-3)  # another teacher
+    cfg.eval.seed = 3
+    final_quality(cfg, module, dm, trainer)
+    assert teacher_calls() == computed

@@ -119,7 +119,7 @@ def test_final_quality_reports_the_best_grid_and_names_it(capsys) -> None:
                   "student_nfes": [1], "teacher_nfes": [2], "teacher_grids": list(TEACHER_GRIDS),
                   "labels": "uniform"}}
     )  # fmt: skip
-    results = final_quality(cfg, module, dm, SimpleNamespace(callbacks=[]))
+    results = final_quality(cfg, module, dm, SimpleNamespace(callbacks=[], is_global_zero=True))
     per_grid = {g: results[f"fd_teacher_nfe2_{g}"] for g in TEACHER_GRIDS}
     assert results["teacher_grid_nfe2"] == "t_mid" == min(per_grid, key=per_grid.get)
     assert results["fd_teacher_nfe2"] == per_grid["t_mid"] < per_grid["edm"] / 10
@@ -128,6 +128,6 @@ def test_final_quality_reports_the_best_grid_and_names_it(capsys) -> None:
     assert "fd_teacher_nfe2_edm" not in last  # the headline line holds the best figures
     module.calls = []
     cfg.eval.teacher_nfes = [1]  # one NFE: every grid is [t_max, 0], scored once
-    results = final_quality(cfg, module, dm, SimpleNamespace(callbacks=[]))
+    results = final_quality(cfg, module, dm, SimpleNamespace(callbacks=[], is_global_zero=True))
     assert module.calls == ["edm"] and results["teacher_grid_nfe1"] == "edm"
     assert "fd_teacher_nfe1_uniform" not in results

@@ -5,7 +5,10 @@ Used at the end of ``fit``/``pretrain`` (the figures the README quotes) and by `
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,7 @@ from scm_lightning.metrics.frechet import (
     FeatureStats,
     accumulate_stats,
     frechet_distance_from_stats,
+    stats_cache_key,
 )
 from scm_lightning.progress import progress
 
@@ -50,6 +54,36 @@ def reference_stats(
 ) -> FeatureStats:
     """Statistics of the reference images ``(N, C, H, W)``, ``batch_size`` at a time."""
     return accumulate_stats(reference.split(batch_size), feature_net, device)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """16 hex digits of SHA-256 over a module's class and every tensor of its state dict."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def cached_sample_stats(
+    cache_dir: str | None, key: dict[str, Any], feature_id: str, compute: Callable[[], Any]
+) -> tuple[FeatureStats, bool]:
+    """``compute()``'s statistics, or the ones a run with the same ``key`` saved before.
+
+    The frozen teacher's rows of the final evaluation depend only on its weights (in ``key``
+    through :func:`module_fingerprint`), the sampler settings and the seed, never on the
+    student: every ``fit`` of the same teacher would recompute the same figures (for the
+    default digits run ~40 % of its evaluation time). Returns ``(stats, loaded)``.
+    """
+    if not cache_dir:
+        return compute(), False
+    path = Path(cache_dir) / f"samples-{stats_cache_key(key, feature_id)}.npz"
+    if path.is_file():
+        return FeatureStats.load(path), True
+    stats = compute()
+    stats.save(path)
+    path.with_suffix(".json").write_text(json.dumps({**key, "features": feature_id}, indent=2))
+    return stats, False
 
 
 def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[str, Any]:
@@ -91,25 +125,40 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     rows: list[tuple[str, str, float]] = []  # (key, sampler, FD) for the table
     headline: list[str] = []  # result keys of the last line: best FD per model and NFE
 
-    def fd(sample: Callable[[int, torch.Generator, Tensor | None], Tensor], stage: str) -> float:
+    def fd(
+        sample: Callable[[int, torch.Generator, Tensor | None], Tensor],
+        stage: str,
+        cache_key: dict[str, Any] | None = None,
+    ) -> float:
         def sampler(k: int, g: torch.Generator) -> Tensor:  # labels first, from the same RNG
             return sample(k, g, draw_class_labels(k, num_classes, g, probs, device))
 
-        with progress(f"FD {stage}", n, trainer) as advance:  # rank 0 shows it
+        def compute() -> FeatureStats:
+            with progress(f"FD {stage}", n, trainer) as advance:  # rank 0 shows it
 
-            def counted(k: int, g: torch.Generator) -> Tensor:
-                images = sampler(k, g)
-                advance(k)
-                return images
+                def counted(k: int, g: torch.Generator) -> Tensor:
+                    images = sampler(k, g)
+                    advance(k)
+                    return images
 
-            stats = sampled_stats(counted, n, bs, seed, feature_net, device)
+                return sampled_stats(counted, n, bs, seed, feature_net, device)
+
+        if cache_key is None:
+            return frechet_distance_from_stats(compute(), ref_stats)
+        stats, loaded = cached_sample_stats(cache_dir, cache_key, results["feature"], compute)
+        if loaded:
+            with progress(f"FD {stage} (cached)", n, trainer) as advance:
+                advance(n)
         return frechet_distance_from_stats(stats, ref_stats)
 
-    def best_of_grids(name: str, nfe: int, sample_on: Callable[..., Tensor]) -> None:
+    def best_of_grids(
+        name: str, nfe: int, sample_on: Callable[..., Tensor], cached: bool = False
+    ) -> None:
         for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
             value = fd(
                 lambda k, g, lab, grid=grid: sample_on(k, g, lab, grid),
                 f"{name} nfe={nfe} {teacher_sampler_name(nfe, grid)}",
+                {**teacher_key, "nfe": nfe, "grid": grid} if cached else None,
             )
             results[f"fd_{name}_nfe{nfe}_{grid}"] = value
             rows.append((f"{name}_nfe{nfe}", teacher_sampler_name(nfe, grid), value))
@@ -120,13 +169,29 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         headline.append(f"fd_{name}_nfe{nfe}")
 
     teacher = getattr(module, "teacher", None)
-    for nfe in ev.get("teacher_nfes", []) if teacher is not None else []:
+    cache_dir = ev.get("cache_dir") if not _distributed() else None
+    teacher_nfes = ev.get("teacher_nfes", []) if teacher is not None else []
+    teacher_key: dict[str, Any] = {}
+    if teacher_nfes and cache_dir:
+        teacher_key = {  # everything the teacher's samples depend on (module.teacher_sample)
+            "teacher": module_fingerprint(teacher),
+            "shape": list(module.image_shape),
+            "t_mid": module.t_mid,
+            "guidance": [module.guidance_scale_range, module.uncond_label, module.eval_guidance],
+            "labels": [num_classes, None if probs is None else probs.tolist()],
+            "num_samples": n,
+            "batch_size": bs,
+            "seed": seed,
+            "torch": torch.__version__,
+        }
+    for nfe in teacher_nfes:
         best_of_grids(
             "teacher",
             int(nfe),
             lambda k, g, lab, grid, nfe=int(nfe): module.teacher_sample(
                 k, nfe=nfe, generator=g, class_labels=lab, grid=grid
             ),
+            cached=bool(cache_dir),
         )
     with ema_weights(trainer, module) as profile:
         results["ema_profile"] = profile
@@ -164,3 +229,8 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     grid_names = [f"{k}={v}" for k, v in results.items() if "_grid_nfe" in k]
     print(" ".join(figures + grid_names), flush=True)
     return results
+
+
+def _distributed() -> bool:
+    # Ranks would race on the cache file; the teacher rows are recomputed there.
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
