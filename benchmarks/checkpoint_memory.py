@@ -28,23 +28,7 @@ import time
 
 import torch
 
-CONFIGS = {
-    # CIFAR-10-sized: channels 64/128/128, attention at 16×16, batch 16 (as step_cost.py).
-    "cifar": dict(
-        net=dict(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_channels=(64, 128, 128),
-            layers_per_block=1,
-            attention_levels=(1,),
-            attention_head_dim=64,
-        ),
-        shape=(16, 3, 32, 32),
-    ),
-    # The bundled digits teacher's architecture at the default fit batch.
-    "digits": dict(net=dict(sample_size=8, block_channels=(32, 64)), shape=(128, 1, 8, 8)),
-}
+from step_cost import CONFIGS  # the same two networks and batches as the step-cost benchmark
 
 
 def _status_kib(field: str) -> int:
