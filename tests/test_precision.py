@@ -212,7 +212,7 @@ def reference_losses() -> dict[torch.dtype, float]:
 @pytest.mark.parametrize("jvp", JVP_PRECISIONS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_precision_matrix_runs_or_is_refused(
-    precision: str, jvp: str, tiny_teacher: Path, reference_losses: dict, monkeypatch
+    precision: str, jvp: str, tiny_teacher: Path, reference_losses: dict
 ) -> None:
     """Each accepted combination trains a step of the default student (with the tiled JVP
     attention) under Lightning's precision plugin; the rest are refused by validation."""
@@ -244,7 +244,6 @@ def test_precision_matrix_runs_or_is_refused(
         seen["jvp"] = dF.dtype
         return F_minus, dF
 
-    monkeypatch.setattr(losses, "rearranged_jvp", recording_jvp)
     plugin = _precision_plugin(precision)
     student, teacher = _default_student()
     modules = plugin.convert_module(torch.nn.ModuleDict({"student": student, "teacher": teacher}))
@@ -254,7 +253,13 @@ def test_precision_matrix_runs_or_is_refused(
     x0 = plugin.convert_input(_data())
     with plugin.forward_context():
         out = scm_loss(
-            student, x0, SCMLossConfig(jvp_dtype=jvp_dtype), 0.5, teacher, generator=_gen(3)
+            student,
+            x0,
+            SCMLossConfig(jvp_dtype=jvp_dtype),
+            0.5,
+            teacher,
+            generator=_gen(3),
+            student_jvp=recording_jvp,
         )
     out.loss.backward()
 
