@@ -48,6 +48,34 @@ def write_tiny_teacher(path: Path, seed: int = 0, sample_size: int = 8) -> Path:
     return path
 
 
+def fit_two_steps(run_dir: Path, teacher_path: str | Path, *overrides: str) -> Path:
+    """In-process `fit` of 2 steps with nothing but a checkpoint (no evaluation, callbacks,
+    validation or progress bar); returns ``run_dir/checkpoints/last.ckpt``."""
+    from scm_lightning.config import compose_config
+    from scm_lightning.training import run
+
+    run(
+        compose_config(
+            "fit",
+            [
+                f"run_dir={run_dir}",
+                f"teacher.path={teacher_path}",
+                "++trainer.max_steps=2",
+                "++data.batch_size=8",
+                "eval=none",
+                "callbacks.fid=null",
+                "callbacks.samples=null",
+                "callbacks.progress=null",
+                "++trainer.enable_progress_bar=false",
+                "++trainer.limit_val_batches=0",
+                "++callbacks.checkpoint.every_n_train_steps=2",
+                *overrides,
+            ],
+        )
+    )
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return write_tiny_teacher(tmp_path_factory.mktemp("teacher"))

@@ -166,36 +166,9 @@ def _teacher_folders(base: Path) -> dict[str, Path]:
 
 
 def _fit(teacher: Path, run_dir: Path) -> Path:
-    from scm_lightning.config import compose_config
-    from scm_lightning.training import run
+    from conftest import fit_two_steps
 
-    saved = os.environ.get("SCM_RUN_DIR")
-    try:
-        run(
-            compose_config(
-                "fit",
-                [
-                    f"run_dir={run_dir}",
-                    f"teacher.path={teacher}",
-                    "++trainer.max_steps=2",
-                    "++data.batch_size=8",
-                    "eval=none",
-                    "callbacks.fid=null",
-                    "callbacks.samples=null",
-                    "callbacks.progress=null",
-                    "++trainer.enable_progress_bar=false",
-                    "++trainer.limit_val_batches=0",
-                    "++callbacks.checkpoint.every_n_train_steps=2",
-                    "loss.t_mid=1.0",
-                ],
-            )
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("SCM_RUN_DIR", None)
-        else:
-            os.environ["SCM_RUN_DIR"] = saved
-    return run_dir / "checkpoints" / "last.ckpt"
+    return fit_two_steps(run_dir, teacher, "loss.t_mid=1.0")
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ teacher folder may be gone, the working directory another), saved paths are abso
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import fit_two_steps, run_cli
 from scm_lightning import commands
 from scm_lightning.checkpointing import load_checkpoint
 from scm_lightning.export import ema_swapped, resolve_profile
@@ -71,35 +70,7 @@ def test_evaluate_an_exported_folder(run_paths: dict[str, Path], tmp_path: Path)
 
 def _fit_relative(work: Path, run_dir: Path) -> Path:
     """`fit` 2 steps with ``teacher.path=teacher`` relative to ``work`` (the cwd)."""
-    from scm_lightning.config import compose_config
-    from scm_lightning.training import run
-
-    saved = os.environ.get("SCM_RUN_DIR")
-    try:
-        run(
-            compose_config(
-                "fit",
-                [
-                    f"run_dir={run_dir}",
-                    "teacher.path=teacher",
-                    "++trainer.max_steps=2",
-                    "++data.batch_size=8",
-                    "eval=none",
-                    "callbacks.fid=null",
-                    "callbacks.samples=null",
-                    "callbacks.progress=null",
-                    "++trainer.enable_progress_bar=false",
-                    "++trainer.limit_val_batches=0",
-                    "++callbacks.checkpoint.every_n_train_steps=2",
-                ],
-            )
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("SCM_RUN_DIR", None)
-        else:
-            os.environ["SCM_RUN_DIR"] = saved
-    return run_dir / "checkpoints" / "last.ckpt"
+    return fit_two_steps(run_dir, "teacher")
 
 
 @pytest.mark.slow
