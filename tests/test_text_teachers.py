@@ -370,6 +370,22 @@ def test_fit_debug_from_the_cli(prediction_type: str, cfg: bool, pairs: Path, tm
     assert (tmp_path / "run" / "samples" / "samples_final_nfe1.png").is_file()
 
 
+@pytest.mark.slow
+def test_float64_runs_and_float64_jvps_take_prompt_embeddings(pairs: Path, tmp_path: Path):
+    """``trainer.precision=64`` (Lightning casts the batch, TextCondition included) and a
+    float64 JVP in a float32 run (the embeddings follow the JVP's dtype) both train."""
+    from conftest import fit_two_steps
+    from scm_lightning.checkpointing import load_checkpoint
+
+    teacher = write_sd_teacher(tmp_path / "teacher")
+    for i, setting in enumerate(["trainer.precision=64", "loss.jvp_precision=64"]):
+        ckpt = fit_two_steps(
+            tmp_path / f"run{i}", teacher, "data=text_pairs", f"data.path={pairs}",
+            "data.val_size=16", setting,
+        )  # fmt: skip
+        assert load_checkpoint(ckpt)["global_step"] == 2, setting
+
+
 # --- export -> diffusers -> sample with prompt embeddings and prompts ------------------------
 LOAD_TEXT_SCRIPT = r"""
 import importlib.abc, sys

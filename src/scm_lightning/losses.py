@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from scm_lightning import trigflow
 from scm_lightning.jvp.compiled import compilable_jvp
 from scm_lightning.jvp.fast import fast_jvp
+from scm_lightning.teachers.conditioning import TextCondition
 from scm_lightning.trigflow import expand_like
 
 TrigFlowFn = Callable[..., Tensor]
@@ -135,6 +136,8 @@ def rearranged_jvp(
     if jvp_dtype in (torch.float32, torch.float64):
         # A full-precision JVP inside a mixed-precision run: leave autocast for this pass.
         x_scaled, tangent_x = x_scaled.to(jvp_dtype), tangent_x.to(jvp_dtype)
+        if isinstance(class_labels, TextCondition):  # prompt embeddings in the JVP's dtype too
+            class_labels = class_labels.to(jvp_dtype)
         precision = torch.autocast(device_type=x_t.device.type, enabled=False)
     elif jvp_dtype is not None:
         precision = torch.autocast(device_type=x_t.device.type, dtype=jvp_dtype)

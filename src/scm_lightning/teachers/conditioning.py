@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 
-@dataclass(frozen=True)
+# Not frozen: Lightning's *-true precisions cast a batch's tensors with apply_to_collection,
+# which sets the fields of a dataclass copy (and refuses frozen ones). Treat it as immutable.
+@dataclass
 class TextCondition:
     """Prompt embeddings of a text-conditioned teacher (one row per sample).
 
