@@ -438,6 +438,7 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
     from conftest import fit_two_steps
     from scm_lightning import commands
     from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.config import ConfigError
     from scm_lightning.export import ema_swapped, resolve_profile
     from scm_lightning.pipeline import load_pipeline
     from scm_lightning.restore import rebuild_module
@@ -499,6 +500,8 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
         assert commands.main("sample", argv) == 0
     a, b = (np.load(tmp_path / n / "samples_nfe2_seed0.npz")["samples"] for n in ("ckpt", "folder"))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(ConfigError, match="labels=3 given but the model is text-conditioned"):
+        commands.main("sample", [f"ckpt={folder}", f"out={tmp_path / 'x'}", "labels=3"])
     # `evaluate` of the export: student on held-out prompts, the teacher guided at s = 1.5
     # with the null prompt (rebuilt from the run's teacher config and data)
     argv = [f"ckpt={folder}", f"out={tmp_path / 'eval'}", "num_samples=12", "batch_size=12",

@@ -121,9 +121,14 @@ def _device(opts: dict[str, Any]) -> torch.device:
         ) from None
 
 
-def _labels(value: Any, num: int, num_classes: int | None) -> Tensor | None:
+def _labels(value: Any, num: int, num_classes: int | None, text: bool = False) -> Tensor | None:
     """Labels ``(num,)`` given as one or ``num`` integers; None: drawn while sampling
     (:func:`sampling.draw_class_labels`, like every evaluation path)."""
+    if text and value is not None:
+        raise ConfigError(
+            f"labels={value!r} given but the model is text-conditioned: it samples with the "
+            "run's held-out prompts (the exported pipeline takes prompt_embeds or prompt)"
+        )
     if not num_classes:
         if value is not None:
             raise ConfigError(f"labels={value!r} given but the model is unconditional")
@@ -258,7 +263,8 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
         module, cfg, dm = rebuild_module(ckpt, with_teacher=False)
         module.to(device)
         num_classes = module.student.num_classes
-        labels = _labels(opts["labels"], num, num_classes)
+        text = module.student.text_embed_dim is not None
+        labels = _labels(opts["labels"], num, num_classes, text)
         sampler = make_sampler(module, opts, nfe)
         probs = _label_probs(cfg, dm, num_classes)
         from scm_lightning.data.base import eval_prompts
@@ -284,7 +290,7 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
     pipe = _load_folder(folder, opts)
     pipe.to(device)
     num_classes = pipe.num_classes
-    labels = _labels(opts["labels"], num, num_classes)
+    labels = _labels(opts["labels"], num, num_classes, bool(pipe.text_embed_dim))
     sampler = _folder_sampler(pipe, opts, nfe)
     prompts = None
     if pipe.text_embed_dim:  # prompts of the run's held-out pairs, as for its checkpoint
