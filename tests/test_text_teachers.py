@@ -561,6 +561,8 @@ TEXT_CASES = [
      ["UNet2DConditionModel takes no pooled embeddings"]),
     ("guidance_null_label_with_text", ("teacher", "pairs"),
      ["student.uncond_label=0", "null with data=text_pairs"]),
+    ("latents_to_a_feature_network", ("teacher", "pairs"),
+     ["callbacks.fid is set with data.latents=true", "callbacks.fid=null"]),
 ]  # fmt: skip
 
 
@@ -574,7 +576,8 @@ def test_text_errors_are_refused_before_work(bad_world, name, where, expected) -
     from scm_lightning.training import run
 
     teacher, pairs = where
-    argv = _fit_argv(bad_world, teacher, pairs, *(GUIDANCE if name.startswith("guid") else []))
+    extra = {"guid": GUIDANCE, "late": ["data.latents=true", "eval=digits"]}.get(name[:4], [])
+    argv = _fit_argv(bad_world, teacher, pairs, *extra)
     with pytest.raises(ConfigError, match=".*".join(re.escape(p) for p in expected)):
         run(compose_config("fit", argv[1:]))
     assert not (bad_world["base"] / "run").exists()

@@ -530,6 +530,25 @@ def _text_pairs(cfg: DictConfig) -> bool:
     return str((cfg.get("data") or {}).get("_target_", "")).endswith("TextPairsDataModule")
 
 
+def _validate_text_latents(cfg: DictConfig) -> None:
+    """Latent text pairs have no decoder here: FD, FID and sample grids would see latents."""
+    if not (_text_pairs(cfg) and cfg.data.get("latents", False)):
+        return
+    callbacks = cfg.get("callbacks") or {}
+    for name in ("fid", "samples"):
+        if callbacks.get(name) is not None:
+            raise ConfigError(
+                f"callbacks.{name} is set with data.latents=true: expected callbacks.{name}=null "
+                "(latents are not images: no feature network or grid sees them undecoded)"
+            )
+    _check(
+        int(_get(cfg, "eval.num_samples")) == 0,
+        "eval.num_samples",
+        _get(cfg, "eval.num_samples"),
+        "0 with data.latents=true (use eval=none; latents are not fed to a feature network)",
+    )
+
+
 def _validate_data(cfg: DictConfig) -> None:
     data = cfg.data
     _int(cfg, "data.batch_size", 1)
@@ -649,6 +668,7 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("every_n_steps", "every_n_train_steps", "num_samples"):
             if key in cb and cb[key] is not None:
                 _int(cfg, f"callbacks.{name}.{key}", 0)
+    _validate_text_latents(cfg)
     _validate_features(cfg)
     _validate_ckpt_path(cfg)
     try:
