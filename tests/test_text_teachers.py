@@ -319,6 +319,15 @@ def test_text_pairs_batches_hold_out_pairs_and_refuse_bad_folders(tmp_path: Path
     (folder / "null.safetensors").unlink()
     with pytest.raises(ValueError, match=r"no null\.safetensors"):
         TextPairsDataModule(folder, batch_size=8, val_size=16)
+    # a shard whose mask does not match its prompt length
+    bad = write_text_pairs(tmp_path / "bad", num=16, shards=1)
+    save_file(
+        {"images": torch.zeros(16, 1, 8, 8), "prompt_embeds": torch.zeros(16, TOKENS, 12),
+         "attention_mask": torch.ones(16, TOKENS + 1)},
+        str(bad / "000.safetensors"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"attention_mask must be \(N, 5\) with N=16"):
+        TextPairsDataModule(bad, batch_size=4, val_size=4)
 
 
 # --- fit from the CLI, epsilon and v-prediction --------------------------------------------

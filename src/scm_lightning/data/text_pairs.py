@@ -54,19 +54,17 @@ def read_shard(path: Path, need_images: bool = True) -> dict[str, Tensor]:
             f"{path}: prompt_embeds must be float (N, L, D), got {tuple(embeds.shape)}"
         )
     n, length = embeds.shape[:2]
+    # key -> (expected ndim, expected shape after N (None: any), how to name it)
     expected = {
-        IMAGE_KEY: "(N, C, H, W)",
-        "pooled_prompt_embeds": "(N, P)",
-        "attention_mask": f"({n}, {length})",
+        IMAGE_KEY: (4, None, "(N, C, H, W)"),
+        "pooled_prompt_embeds": (2, None, "(N, P)"),
+        "attention_mask": (2, (length,), f"(N, {length})"),
     }
-    for key, want in expected.items():
+    for key, (ndim, rest, want) in expected.items():
         value = tensors.get(key)
         if value is None or (key == IMAGE_KEY and not need_images):
             continue
-        ok = value.shape[0] == n and value.ndim == {IMAGE_KEY: 4}.get(key, 2)
-        if key == "attention_mask":
-            ok = tuple(value.shape) == (n, length)
-        if not ok:
+        if value.ndim != ndim or value.shape[0] != n or rest not in (None, value.shape[1:]):
             raise ValueError(f"{path}: {key} must be {want} with N={n}, got {tuple(value.shape)}")
     return tensors
 
