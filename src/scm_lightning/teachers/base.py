@@ -13,6 +13,8 @@ import abc
 import torch
 from torch import Tensor, nn
 
+from scm_lightning.teachers.conditioning import Condition, TextCondition, text_net_kwargs
+
 
 class TrigFlowModel(nn.Module, abc.ABC):
     """Base class: ``forward(x_scaled, t, class_labels, guidance) -> F``.
@@ -20,7 +22,8 @@ class TrigFlowModel(nn.Module, abc.ABC):
     Args (of ``forward``):
         x_scaled: ``x_t/σ_d``, shape ``(B, C, H, W)`` (or any ``(B, ...)``).
         t: TrigFlow time in radians, shape ``(B,)``.
-        class_labels: optional integer labels ``(B,)`` for conditional networks.
+        class_labels: the condition: integer labels ``(B,)`` for class-conditional networks
+            or a :class:`TextCondition` (prompt embeddings) for text-conditioned ones.
         guidance: optional CFG scale ``(B,)`` fed to a student's guidance embedding.
 
     Returns ``F`` with the shape of ``x_scaled``.
@@ -57,6 +60,16 @@ class TrigFlowModel(nn.Module, abc.ABC):
     @property
     def num_classes(self) -> int | None:
         return None
+
+    @property
+    def text_embed_dim(self) -> int | None:
+        """Width D of the prompt embeddings ``(B, L, D)`` a text-conditioned network takes."""
+        return None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network takes a condition (class labels or prompt embeddings)."""
+        return bool(self.num_classes) or self.text_embed_dim is not None
 
     def velocity(
         self,
@@ -147,21 +160,47 @@ class NetAdapter(TrigFlowModel):
         value = net_config_value(self.net, "num_classes", "num_class_embeds", "num_embeds_ada_norm")
         return int(value) if value else None
 
+    @property
+    def text_embed_dim(self) -> int | None:
+        # The width of encoder_hidden_states as the net takes it: Sana's caption_channels,
+        # SD3's joint_attention_dim, a UNet's encoder_hid_dim (projected) or cross_attention_dim.
+        if net_config_value(self.net, "num_embeds_ada_norm"):  # DiT: class labels, no text
+            return None
+        value = net_config_value(
+            self.net,
+            "caption_channels",
+            "joint_attention_dim",
+            "encoder_hid_dim",
+            "cross_attention_dim",
+        )
+        return int(value) if isinstance(value, int) else None
+
     def call_net(
         self,
         sample: Tensor,
         timestep: Tensor,
-        class_labels: Tensor | None = None,
+        class_labels: Condition | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
         """Call ``net(sample, timestep, class_labels=..., guidance=...)`` and return a tensor.
 
-        ``class_labels`` is passed only when given. A net predicting ``2C`` channels for a
-        ``C``-channel input (DiT's learned variance) is cut to its first ``C`` channels.
+        ``class_labels`` is passed only when given; a :class:`TextCondition` becomes the net's
+        ``encoder_hidden_states`` (+ mask, pooled) keywords (:func:`text_net_kwargs`). A net
+        predicting ``2C`` channels for a ``C``-channel input (DiT's learned variance) is cut
+        to its first ``C`` channels.
         """
         kwargs: dict[str, object] = {}
+        if isinstance(class_labels, TextCondition):
+            kwargs.update(text_net_kwargs(self.net, class_labels))
+            kwargs["timestep"] = timestep  # by keyword: Sana/SD3 take it third
+            return self._call_net(sample, (), kwargs, guidance)
         if class_labels is not None:
             kwargs["class_labels"] = class_labels
+        return self._call_net(sample, (timestep,), kwargs, guidance)
+
+    def _call_net(
+        self, sample: Tensor, args: tuple, kwargs: dict[str, object], guidance: Tensor | None
+    ) -> Tensor:
         if guidance is not None and not self.accepts_guidance:
             raise ValueError(
                 f"guidance was given but {type(self.net).__name__} has no guidance input and no "
@@ -174,12 +213,12 @@ class NetAdapter(TrigFlowModel):
             )
         if self.native_guidance:
             kwargs["guidance"] = guidance
-            out = unwrap_output(self.net(sample, timestep, **kwargs))
+            out = unwrap_output(self.net(sample, *args, **kwargs))
         elif self.guidance_embedding is not None:
             with self.guidance_embedding.scope(guidance):
-                out = unwrap_output(self.net(sample, timestep, **kwargs))
+                out = unwrap_output(self.net(sample, *args, **kwargs))
         else:
-            out = unwrap_output(self.net(sample, timestep, **kwargs))
+            out = unwrap_output(self.net(sample, *args, **kwargs))
         if out.ndim >= 2 and out.shape[1] == 2 * sample.shape[1]:
             out = out[:, : sample.shape[1]]
         return out

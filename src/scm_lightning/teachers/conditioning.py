@@ -9,11 +9,12 @@ masking and sampling never branch on the kind.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 
@@ -123,3 +124,57 @@ def repeat_condition(cond: TextCondition, batch_size: int) -> TextCondition:
     if len(cond) != 1:
         raise ValueError(f"repeat_condition needs a single prompt, got {len(cond)}")
     return cond._map(lambda tensor: tensor.expand(batch_size, *tensor.shape[1:]))
+
+
+def where_condition(keep: Tensor, cond: Condition, null: Condition) -> Condition:
+    """Row-wise ``cond if keep else null`` (label dropout; ``null``: one row or ``B`` rows).
+
+    ``keep`` is a bool ``(B,)``. For a TextCondition every field is selected row-wise (a
+    field set on ``cond`` must be set on ``null``).
+    """
+    if isinstance(cond, Tensor):
+        return torch.where(keep, cond, torch.as_tensor(null, device=cond.device))
+    if not isinstance(null, TextCondition):
+        raise TypeError("a TextCondition needs a TextCondition as its null condition")
+    if len(null) == 1:
+        null = repeat_condition(null, len(cond))
+    values = {}
+    for f in fields(cond):
+        value, other = getattr(cond, f.name), getattr(null, f.name)
+        if (value is None) != (other is None):
+            raise ValueError(f"TextCondition.{f.name} is set on only one of condition and null")
+        if value is None:
+            values[f.name] = None
+            continue
+        mask = keep.reshape(-1, *([1] * (value.ndim - 1)))
+        values[f.name] = torch.where(mask, value, other.to(value.device, value.dtype))
+    return TextCondition(**values)
+
+
+def text_net_kwargs(net: nn.Module, cond: TextCondition) -> dict[str, object]:
+    """The keywords a diffusers text-conditioned network takes for ``cond``.
+
+    ``prompt_embeds`` -> ``encoder_hidden_states``; ``attention_mask`` ->
+    ``encoder_attention_mask``; ``pooled_prompt_embeds`` -> ``pooled_projections`` (SD3) or
+    ``added_cond_kwargs={"text_embeds": ...}`` (a UNet with an ``addition_embed_type``). A field
+    the network has no input for raises ValueError instead of being dropped silently.
+    """
+    params = inspect.signature(net.forward).parameters
+    name = type(net).__name__
+    if "encoder_hidden_states" not in params:
+        raise ValueError(f"{name} takes no encoder_hidden_states: it is not text-conditioned")
+    kwargs: dict[str, object] = {"encoder_hidden_states": cond.prompt_embeds}
+    if cond.attention_mask is not None:
+        if "encoder_attention_mask" not in params:
+            raise ValueError(f"{name} takes no encoder_attention_mask; drop attention_mask")
+        kwargs["encoder_attention_mask"] = cond.attention_mask
+    pooled = cond.pooled_prompt_embeds
+    if pooled is not None:
+        config = getattr(net, "config", None)
+        if "pooled_projections" in params:
+            kwargs["pooled_projections"] = pooled
+        elif "added_cond_kwargs" in params and getattr(config, "addition_embed_type", None):
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled}
+        else:
+            raise ValueError(f"{name} takes no pooled embeddings; drop pooled_prompt_embeds")
+    return kwargs
