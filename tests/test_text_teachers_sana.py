@@ -474,3 +474,31 @@ def test_fit_debug_sana_teacher_from_the_cli(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_sd3_teacher_x0_equals_flow_closed_form(tmp_path):
+    """SD3 (pooled_projections, no mask) through load_teacher: the adapter's x̂0 = cos t·x_t −
+    sin t·σ_d·F equals the flow closed form x_s − s·v at the matched s, x_s = (1 − s)·x_t/cos t."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from scm_lightning.student import Student
+
+    tiny_sd3().save_pretrained(tmp_path / "sd3" / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(tmp_path / "sd3" / "scheduler")
+    teacher = _load(tmp_path / "sd3")
+    cond = _condition(pooled=6, mask=False)
+    t = torch.tensor([0.3, 1.1], dtype=torch.float64)
+    x_t = SIGMA_DATA * torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    F = teacher(x_t / SIGMA_DATA, t, cond)
+    s = SIGMA_DATA * torch.tan(t) / (1 + SIGMA_DATA * torch.tan(t))
+    x_s = ((1 - s) / torch.cos(t)).view(-1, 1, 1, 1) * x_t
+    v = teacher.net(
+        x_s,
+        encoder_hidden_states=cond.prompt_embeds,
+        pooled_projections=cond.pooled_prompt_embeds,
+        timestep=s * 1000,
+    ).sample
+    c, sn = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+    _close(c * x_t - sn * SIGMA_DATA * F, x_s - s.view(-1, 1, 1, 1) * v, 1e-10)
+    student = Student.from_teacher(teacher).double()
+    _close(student(x_t / SIGMA_DATA, t, cond), F, 1e-12)
