@@ -530,7 +530,15 @@ def _validate_data(cfg: DictConfig) -> None:
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "does not exist"
             raise ConfigError(f"data.root={str(root)!r} {what}: expected a folder of images")
-    if "path" in data:  # an array file
+    if str(data.get("_target_", "")).endswith("TextPairsDataModule"):  # a folder of shards
+        path = Path(str(_get(cfg, "data.path"))).expanduser()
+        if not (path.is_dir() and any(path.glob("*.safetensors"))):
+            what = "has no .safetensors shards" if path.is_dir() else "is not a folder"
+            raise ConfigError(
+                f"data.path={str(path)!r} {what}: expected a folder of (image, prompt "
+                "embedding) .safetensors shards and null.safetensors"
+            )
+    elif "path" in data:  # an array file
         path = Path(str(_get(cfg, "data.path"))).expanduser()
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"

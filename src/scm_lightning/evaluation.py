@@ -101,7 +101,8 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     from rich.table import Table
 
     from scm_lightning.callbacks.samples import ema_weights
-    from scm_lightning.sampling import draw_class_labels, teacher_sampler_name
+    from scm_lightning.data.base import eval_prompts
+    from scm_lightning.sampling import draw_condition, teacher_sampler_name
 
     ev = cfg.eval
     if int(ev.num_samples) == 0:
@@ -121,6 +122,7 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
     }
     num_classes = module.student.num_classes
     probs = class_label_probs(str(ev.get("labels", "uniform")), dm, num_classes)
+    prompts = eval_prompts(dm)  # a text-conditioned run: the held-out pairs' prompts
     grids = [str(g) for g in ev.get("teacher_grids", ["edm"])]
     rows: list[tuple[str, str, float]] = []  # (key, sampler, FD) for the table
     headline: list[str] = []  # result keys of the last line: best FD per model and NFE
@@ -131,7 +133,7 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
         cache_key: dict[str, Any] | None = None,
     ) -> float:
         def sampler(k: int, g: torch.Generator) -> Tensor:  # labels first, from the same RNG
-            return sample(k, g, draw_class_labels(k, num_classes, g, probs, device))
+            return sample(k, g, draw_condition(k, num_classes, g, probs, device, prompts))
 
         def compute() -> FeatureStats:
             with progress(f"FD {stage}", n, trainer) as advance:  # rank 0 shows it
@@ -184,6 +186,8 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
             "seed": seed,
             "torch": torch.__version__,
         }
+    if teacher_key and prompts is not None:  # text: held-out and null prompts from the data
+        teacher_key["prompts"] = dm.config_key()
     for nfe in teacher_nfes:
         best_of_grids(
             "teacher",

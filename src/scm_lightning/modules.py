@@ -28,6 +28,7 @@ from scm_lightning.losses import (
 from scm_lightning.nets.weighting import LogVarHead
 from scm_lightning.student import Student
 from scm_lightning.teachers.base import TrigFlowModel
+from scm_lightning.teachers.conditioning import Condition, TextCondition, where_condition
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -241,6 +242,8 @@ class DistillationModule(_TrigFlowModule):
         student_guidance_embedding: give the student a zero-initialised CFG-scale input.
         guidance_scale_range: ``(s_min, s_max)`` for CFG distillation (``s ~ U``), or None.
         uncond_label: the teacher's null class (the unconditional branch of CFG).
+        uncond_condition: a text-conditioned teacher's null prompt (a 1-row TextCondition:
+            the empty/negative prompt's embedding), CFG's unconditional branch.
         logvar_channels: width of w_φ(t)'s positional features.
         eval_guidance: the scale s a guidance-conditioned student samples with when a caller
             gives none (FID, sample grids, final evaluation; ``eval.guidance``, default 1).
@@ -265,6 +268,7 @@ class DistillationModule(_TrigFlowModule):
         jvp_attention: bool = True,
         eval_guidance: float = 1.0,
         student_dropout: float = 0.0,
+        uncond_condition: TextCondition | None = None,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if mode not in ("scd", "sct"):
@@ -291,7 +295,15 @@ class DistillationModule(_TrigFlowModule):
             install_jvp_attention(self.student)
         self.guidance_scale_range = tuple(guidance_scale_range) if guidance_scale_range else None
         self.uncond_label = uncond_label
-        if self.guidance_scale_range is not None:
+        self.uncond_condition = uncond_condition
+        if self.guidance_scale_range is not None and teacher.text_embed_dim is not None:
+            if uncond_condition is None:
+                raise ValueError(
+                    f"CFG distillation (guidance_scale_range={list(self.guidance_scale_range)}) "
+                    "of a text-conditioned teacher needs the null prompt's embedding "
+                    "(data=text_pairs: null.safetensors)"
+                )
+        elif self.guidance_scale_range is not None:
             classes = teacher.num_classes
             if not classes or uncond_label is None or not 0 <= uncond_label <= classes:
                 raise ValueError(
@@ -305,6 +317,11 @@ class DistillationModule(_TrigFlowModule):
         self.tangent_warmup_r = 1.0  # set each step by the TangentWarmup callback
         self.student_jvp: StudentJVP = rearranged_jvp  # compile_step() swaps in a compiled one
         self._register_teacher_state_hooks()
+
+    @property
+    def null_condition(self) -> int | TextCondition | None:
+        """CFG's unconditional branch: the null prompt (text teachers) or the null class."""
+        return self.uncond_condition if self.teacher.text_embed_dim else self.uncond_label
 
     def compile_step(self, backend: str = "inductor") -> None:
         """``trainer.compile``: torch.compile the student's JVP pass and the teacher's forward.
@@ -375,7 +392,8 @@ class DistillationModule(_TrigFlowModule):
         from scm_lightning.teachers.guidance import guided_velocity
 
         def teacher_velocity(x_t: Tensor, t: Tensor) -> Tensor:
-            return guided_velocity(self.teacher, x_t, t, class_labels, guidance, self.uncond_label)
+            null = self.null_condition
+            return guided_velocity(self.teacher, x_t, t, class_labels, guidance, null)
 
         return teacher_velocity
 
@@ -387,7 +405,7 @@ class DistillationModule(_TrigFlowModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
         gen = self.step_rng(x0.device, batch_idx)
-        class_labels = labels if self.student.num_classes else None
+        class_labels = labels if self.student.conditional else None
         guidance = self._guidance(x0.shape[0], gen)
         teacher_velocity = self._guided_teacher_velocity(class_labels, guidance)
         out = scm_loss(
@@ -422,7 +440,7 @@ class DistillationModule(_TrigFlowModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
         gen = step_generator(self.seed, batch_idx, self.global_rank, x0.device)
-        class_labels = labels if self.student.num_classes else None
+        class_labels = labels if self.student.conditional else None
         guidance = self._guidance(x0.shape[0], gen)  # s drawn as in training
         with torch.no_grad():
             out = scm_loss(
@@ -499,7 +517,7 @@ class DistillationModule(_TrigFlowModule):
             if s != 1.0:
                 from scm_lightning.teachers.guidance import GuidedTeacher
 
-                teacher = GuidedTeacher(self.teacher, s, int(self.uncond_label))
+                teacher = GuidedTeacher(self.teacher, s, self.null_condition)
         return sampling.teacher_sample(
             teacher,
             self.noise(num_samples, generator),
@@ -530,6 +548,7 @@ class DiffusionModule(_TrigFlowModule):
         label_dropout: float = 0.0,
         seed: int = 0,
         max_bad_steps: int = 20,
+        uncond_condition: TextCondition | None = None,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
         if not p_std > 0:
@@ -540,8 +559,16 @@ class DiffusionModule(_TrigFlowModule):
         self.logvar = LogVarHead(logvar_channels)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.label_dropout = float(label_dropout)
+        self.uncond_condition = uncond_condition  # text: the null prompt label dropout uses
+        if label_dropout > 0 and model.text_embed_dim is not None and uncond_condition is None:
+            raise ValueError("label_dropout on prompt embeddings needs the null prompt's embedding")
 
-    def _labels(self, labels: Tensor, generator: torch.Generator) -> Tensor | None:
+    def _labels(self, labels: Condition, generator: torch.Generator) -> Condition | None:
+        if isinstance(labels, TextCondition):
+            if self.label_dropout == 0:
+                return labels
+            keep = torch.rand(len(labels), generator=generator, device=labels.device)
+            return where_condition(keep >= self.label_dropout, labels, self.uncond_condition)
         num_classes = self.student.num_classes
         if not num_classes:
             return None
@@ -576,7 +603,7 @@ class DiffusionModule(_TrigFlowModule):
             self.student.sigma_data,
             self.p_mean,
             self.p_std,
-            class_labels=labels if self.student.num_classes else None,
+            class_labels=labels if self.student.conditional else None,
             generator=gen,
         )
         self.log("val/mse", loss, sync_dist=True, prog_bar=True)

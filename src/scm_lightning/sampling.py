@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from scm_lightning.teachers.conditioning import Condition, TextCondition
 from scm_lightning.trigflow import (
     RHO_EDM,
     SIGMA_MAX_EDM,
@@ -44,6 +45,7 @@ __all__ = [
     "consistency_times",
     "ddim_sample",
     "draw_class_labels",
+    "draw_condition",
     "heun_sample",
     "sampler_nfe",
     "teacher_sample",
@@ -365,6 +367,23 @@ def draw_class_labels(
             f"class_probs must be ({num_classes},) non-negative weights, got {tuple(probs.shape)}"
         )
     return torch.multinomial(probs, num, replacement=True, generator=generator)
+
+
+def draw_condition(
+    num: int,
+    num_classes: int | None,
+    generator: torch.Generator | None = None,
+    class_probs: Tensor | None = None,
+    device: torch.device | str | None = None,
+    prompts: TextCondition | None = None,
+) -> Condition | None:
+    """The condition every evaluation path samples with: ``num`` prompts drawn uniformly (with
+    replacement) from ``prompts`` (a text-conditioned run's held-out pairs, see
+    ``data.text_pairs``), else :func:`draw_class_labels`. Drawn from ``generator``."""
+    if prompts is None:
+        return draw_class_labels(num, num_classes, generator, class_probs, device)
+    rows = torch.randint(len(prompts), (num,), generator=generator, device=device)
+    return prompts.to(rows.device)[rows]
 
 
 def class_label_rows(num_classes: int, per_class: int) -> Tensor:

@@ -108,6 +108,14 @@ class Student(nn.Module):
     def num_classes(self) -> int | None:
         return self.net.num_classes
 
+    @property
+    def text_embed_dim(self) -> int | None:
+        return self.net.text_embed_dim
+
+    @property
+    def conditional(self) -> bool:
+        return self.net.conditional
+
     def forward(
         self,
         x_scaled: Tensor,

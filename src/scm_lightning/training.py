@@ -60,7 +60,14 @@ def check_model_matches_data(model: TrigFlowModel, dm: L.LightningDataModule, wh
     from scm_lightning.teachers.loading import check_teacher_matches_data
 
     try:
-        check_teacher_matches_data(model, dm.channels, dm.resolution, dm.num_classes)
+        check_teacher_matches_data(
+            model,
+            dm.channels,
+            dm.resolution,
+            dm.num_classes,
+            getattr(dm, "text_embed_dim", None),
+            getattr(dm, "null_condition", None),
+        )
     except ValueError as err:
         raise ConfigError(f"{what} and data disagree: {err}") from None
 
@@ -177,6 +184,7 @@ def build_distillation(
         t_mid=loss.t_mid,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
+        uncond_condition=getattr(dm, "null_condition", None),
     )
 
 
@@ -200,6 +208,7 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
         label_dropout=cfg.label_dropout,
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
+        uncond_condition=getattr(dm, "null_condition", None),
     )
 
 

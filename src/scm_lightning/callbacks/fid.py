@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from scm_lightning.callbacks.ema import EMA
 from scm_lightning.callbacks.loss_curve import plot_dir
-from scm_lightning.data.base import class_label_probs
+from scm_lightning.data.base import class_label_probs, eval_prompts
 from scm_lightning.metrics.features import build_feature_extractor
 from scm_lightning.metrics.frechet import (
     FeatureStats,
@@ -39,7 +39,7 @@ from scm_lightning.metrics.frechet import (
     frechet_distance_from_stats,
 )
 from scm_lightning.progress import progress
-from scm_lightning.sampling import draw_class_labels
+from scm_lightning.sampling import draw_condition
 
 
 def _images(item: Any) -> Tensor:
@@ -196,6 +196,7 @@ class FIDCallback(Callback):
         keep = max(0, min(per_rank, self.num_samples - rank * per_rank))
         num_classes = self._classes(trainer)
         probs = class_label_probs(self.labels, trainer.datamodule, num_classes)
+        prompts = eval_prompts(trainer.datamodule)  # text pairs: held-out prompts
         emas = [cb for cb in trainer.callbacks if isinstance(cb, EMA)]
         swap = emas[0].swapped(pl_module, self.ema_profile) if emas else nullcontext()
         was_training = pl_module.training
@@ -209,7 +210,7 @@ class FIDCallback(Callback):
                     stats = FeatureStats(net.num_features, device=device)
                     for start in range(0, per_rank, self.batch_size):
                         n = min(self.batch_size, per_rank - start)
-                        labels = draw_class_labels(n, num_classes, gen, probs, device)
+                        labels = draw_condition(n, num_classes, gen, probs, device, prompts)
                         x = pl_module.sample(
                             n, nfe, generator=gen, t_mid=self.t_mid, class_labels=labels
                         )

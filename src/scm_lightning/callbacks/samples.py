@@ -82,16 +82,17 @@ class SampleGrid(L.Callback):
         # rank 0 writes. Otherwise only rank 0 samples.
         if not trainer.is_global_zero and not is_sharded(pl_module.student):
             return
-        from scm_lightning.data.base import class_label_probs
-        from scm_lightning.sampling import class_label_rows, draw_class_labels
+        from scm_lightning.data.base import class_label_probs, eval_prompts
+        from scm_lightning.sampling import class_label_rows, draw_condition
 
         device = pl_module.device
         num_classes = pl_module.student.num_classes
         probs = class_label_probs(self.labels, trainer.datamodule, num_classes)
+        prompts = eval_prompts(trainer.datamodule)
         with ema_weights(trainer, pl_module):
             for nfe in self.nfes:
                 gen = torch.Generator(device=device).manual_seed(self.seed)
-                labels = draw_class_labels(self.num_samples, num_classes, gen, probs, device)
+                labels = draw_condition(self.num_samples, num_classes, gen, probs, device, prompts)
                 images = pl_module.sample(
                     self.num_samples, nfe=nfe, generator=gen, class_labels=labels
                 )

@@ -4,12 +4,15 @@
 * :class:`ImageFolderDataModule`: a folder of PNG/JPEG/WebP/BMP files.
 * :class:`TensorDataModule`: one ``.npz``/``.npy``/``.safetensors``/``.pt`` array (images or
   latents).
+* :class:`TextPairsDataModule`: (image or latent, prompt embedding) pairs in safetensors
+  shards; batches ``(images, TextCondition)``.
 """
 
 from scm_lightning.data.base import ImageDataModule
 from scm_lightning.data.digits import DigitsDataModule, load_digits_tensors
 from scm_lightning.data.folder import ImageFolderDataModule, ScanReport
 from scm_lightning.data.tensors import TensorDataModule
+from scm_lightning.data.text_pairs import TextPairsDataModule
 
 __all__ = [
     "DigitsDataModule",
@@ -17,5 +20,6 @@ __all__ = [
     "ImageFolderDataModule",
     "ScanReport",
     "TensorDataModule",
+    "TextPairsDataModule",
     "load_digits_tensors",
 ]

@@ -71,6 +71,8 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
     channels: int
     resolution: int
     num_classes: int | None
+    text_embed_dim: int | None = None  # width D of prompt embeddings (text pairs), else None
+    collate_fn: Any = None  # DataLoader collate_fn (None: torch's default)
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
         )
 
     def val_indices(self) -> list[int]:
@@ -171,6 +174,7 @@ class ImageDataModule(L.LightningDataModule, abc.ABC):
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
         )
 
     def reference_images(self, max_count: int) -> Tensor:
@@ -236,3 +240,10 @@ def class_label_probs(mode: str, datamodule: Any, num_classes: int | None) -> Te
         labels = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
     counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes)
     return counts[:num_classes].double() / counts[:num_classes].sum()
+
+
+def eval_prompts(datamodule: Any) -> Any:
+    """The prompts (a ``TextCondition``) evaluation samples a text-conditioned model with: the
+    data module's held-out pairs (``eval_conditions()``); None for image/label data."""
+    get = getattr(datamodule, "eval_conditions", None)
+    return get() if callable(get) else None

@@ -18,23 +18,34 @@ from torch import Tensor, nn
 
 from scm_lightning.nets.weighting import positional_embedding
 from scm_lightning.teachers.base import NetAdapter, TrigFlowModel
+from scm_lightning.teachers.conditioning import (
+    Condition,
+    TextCondition,
+    concat_conditions,
+    repeat_condition,
+)
 
 TIME_EMBEDDING_NAMES = ("time_embedding", "time_mlp")
 
 
 class GuidedTeacher(TrigFlowModel):
-    """CFG teacher: ``F = F_u + s·(F_c − F_u)`` with ``F_u`` at ``class_labels = uncond_label``.
+    """CFG teacher: ``F = F_u + s·(F_c − F_u)`` with ``F_u`` at the null condition ``uncond``:
+    the null class label (an int) or the empty/negative prompt's :class:`TextCondition` (1 row).
 
     ``forward(x_scaled, t, class_labels, guidance=None)``: ``guidance`` ``(B,)`` gives a
     per-sample scale s (sCD draws ``s ~ U[1, s_max]``) and overrides ``guidance_scale``. The
     conditional and unconditional passes run as one batch of ``2B``.
     """
 
-    def __init__(self, model: TrigFlowModel, guidance_scale: float, uncond_label: int) -> None:
+    def __init__(
+        self, model: TrigFlowModel, guidance_scale: float, uncond_label: int | TextCondition
+    ) -> None:
         super().__init__(model.sigma_data)
         self.model = model
         self.guidance_scale = float(guidance_scale)
-        self.uncond_label = int(uncond_label)
+        self.uncond_label = (
+            uncond_label if isinstance(uncond_label, TextCondition) else int(uncond_label)
+        )
 
     @property
     def in_channels(self) -> int:
@@ -47,6 +58,10 @@ class GuidedTeacher(TrigFlowModel):
     @property
     def num_classes(self) -> int | None:
         return self.model.num_classes
+
+    @property
+    def text_embed_dim(self) -> int | None:
+        return self.model.text_embed_dim
 
     def forward(
         self,
@@ -63,25 +78,34 @@ def guided_F(
     model: TrigFlowModel,
     x_scaled: Tensor,
     t: Tensor,
-    class_labels: Tensor | None,
+    class_labels: Condition | None,
     guidance: Tensor | float,
-    uncond_label: int,
+    uncond_label: int | TextCondition,
 ) -> Tensor:
     """CFG in TrigFlow units, ``F_u + s·(F_c − F_u)``, from one batched call of ``2B``.
 
-    ``x_scaled = x_t/σ_d`` ``(B, ...)``, ``t`` ``(B,)`` radians, ``class_labels`` ``(B,)``,
-    ``guidance`` s: a float or ``(B,)``.
+    ``x_scaled = x_t/σ_d`` ``(B, ...)``, ``t`` ``(B,)`` radians, ``class_labels`` ``(B,)``
+    labels with ``uncond_label`` the null class, or a :class:`TextCondition` of ``B`` prompts
+    with ``uncond_label`` the null prompt's (1 row); ``guidance`` s: a float or ``(B,)``.
     """
     if class_labels is None:
         raise ValueError(
-            "classifier-free guidance needs class_labels (B,) for the conditional pass"
+            "classifier-free guidance needs a condition (class labels (B,) or prompt "
+            "embeddings) for the conditional pass"
         )
     b = x_scaled.shape[0]
     t = torch.as_tensor(t, device=x_scaled.device)
     t = t.expand(b) if t.ndim == 0 else t
-    uncond = torch.full_like(class_labels, uncond_label)
+    if isinstance(class_labels, TextCondition):
+        if not isinstance(uncond_label, TextCondition):
+            raise TypeError("prompt embeddings need the null prompt's TextCondition for CFG")
+        uncond: Condition = repeat_condition(uncond_label.to(class_labels.device), b)
+    else:
+        uncond = torch.full_like(class_labels, int(uncond_label))
     out = model(
-        torch.cat([x_scaled, x_scaled]), torch.cat([t, t]), torch.cat([class_labels, uncond])
+        torch.cat([x_scaled, x_scaled]),
+        torch.cat([t, t]),
+        concat_conditions([class_labels, uncond]),
     )
     f_c, f_u = out[:b], out[b:]
     s = torch.as_tensor(guidance, device=x_scaled.device, dtype=out.dtype)
@@ -93,9 +117,9 @@ def guided_velocity(
     model: TrigFlowModel,
     x_t: Tensor,
     t: Tensor,
-    class_labels: Tensor | None,
+    class_labels: Condition | None,
     guidance: Tensor | float,
-    uncond_label: int,
+    uncond_label: int | TextCondition,
 ) -> Tensor:
     """Guided PF-ODE velocity in data units, ``dx_t/dt = σ_d·guided_F(x_t/σ_d, ...)`` (§5)."""
     sd = model.sigma_data

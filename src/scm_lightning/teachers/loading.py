@@ -295,10 +295,14 @@ def check_teacher_matches_data(
     channels: int,
     resolution: int | tuple[int, int],
     num_classes: int | None,
+    text_embed_dim: int | None = None,
+    condition: Any = None,
 ) -> None:
     """Raise ValueError when the teacher cannot take the data: channels, sample size
     (when the model states one), or conditioning (``num_classes`` None/0 = unconditional; a
-    conditional teacher may have one extra null class for CFG)."""
+    conditional teacher may have one extra null class for CFG; ``text_embed_dim``: the width
+    D of the data's prompt embeddings, which must equal the teacher's; ``condition``: one
+    TextCondition of the data, whose fields (mask, pooled) the teacher must take)."""
     if model.in_channels != channels:
         raise ValueError(f"teacher expects {model.in_channels} input channels, data has {channels}")
     size = _hw(model.sample_size)
@@ -306,6 +310,7 @@ def check_teacher_matches_data(
         raise ValueError(
             f"teacher sample_size is {model.sample_size}, data resolution {resolution}"
         )
+    _check_text(model, text_embed_dim, condition)
     model_classes = model.num_classes or 0
     data_classes = num_classes or 0
     if bool(model_classes) != bool(data_classes):
@@ -318,3 +323,39 @@ def check_teacher_matches_data(
             f"teacher has {model_classes} class embeddings, data {data_classes} classes "
             f"(expected {data_classes} or {data_classes + 1} with a null class)"
         )
+
+
+UNSUPPORTED_ADDED_CONDITIONS = ("text_time", "text_image", "image", "image_hint")
+
+
+def _check_text(model: TrigFlowModel, text_embed_dim: int | None, condition: Any) -> None:
+    """A text-conditioned teacher needs prompt embeddings of its width, and nothing else does."""
+    from scm_lightning.teachers.conditioning import text_net_kwargs
+
+    width = getattr(model, "text_embed_dim", None)
+    if width is None and text_embed_dim is not None:
+        raise ValueError(
+            f"the data has prompt embeddings (width {text_embed_dim}) but the teacher is not "
+            "text-conditioned (no cross-attention)"
+        )
+    if width is None:
+        return
+    if text_embed_dim is None:
+        raise ValueError(
+            f"teacher is text-conditioned (prompt embeddings of width {width}) but the data "
+            "has no prompt embeddings (use data=text_pairs)"
+        )
+    if int(text_embed_dim) != int(width):
+        raise ValueError(
+            f"prompt_embeds have width {text_embed_dim}, the teacher's cross-attention takes "
+            f"{width} (its cross_attention_dim)"
+        )
+    net = getattr(model, "net", None)
+    added = getattr(getattr(net, "config", None), "addition_embed_type", None)
+    if added in UNSUPPORTED_ADDED_CONDITIONS:
+        raise ValueError(
+            f"the teacher's addition_embed_type={added!r} needs added conditions (time_ids, "
+            "images) that text pairs do not carry; supported: None or 'text'"
+        )
+    if net is not None and condition is not None:
+        text_net_kwargs(net, condition)  # a mask or pooled embedding the net has no input for
