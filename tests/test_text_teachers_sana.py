@@ -427,7 +427,9 @@ def test_sana_student_equals_teacher_at_init_and_jvp_attention_is_exact(tmp_path
 _HAS_TEXT_PAIRS = (Path(__file__).parents[1] / "conf" / "data" / "text_pairs.yaml").is_file()
 
 
-def write_text_pairs(folder: Path, n: int = 16, length: int = 5, width: int = 12) -> Path:
+def write_text_pairs(
+    folder: Path, n: int = 48, length: int = 5, width: int = 12, channels: int = 4
+) -> Path:
     """The agreed text_pairs layout: shards with images/prompt_embeds/attention_mask, plus
     null.safetensors (the empty prompt)."""
     from safetensors.torch import save_file
@@ -438,7 +440,7 @@ def write_text_pairs(folder: Path, n: int = 16, length: int = 5, width: int = 12
     mask[::2, 3:] = 0
     save_file(
         {
-            "images": torch.rand(n, 4, 8, 8, generator=g) * 2 - 1,
+            "images": torch.rand(n, channels, 8, 8, generator=g) * 2 - 1,
             "prompt_embeds": torch.randn(n, length, width, generator=g),
             "attention_mask": mask,
         },
@@ -461,13 +463,16 @@ def write_text_pairs(folder: Path, n: int = 16, length: int = 5, width: int = 12
     not _HAS_TEXT_PAIRS, reason="data=text_pairs comes with wip-text (passes once merged)"
 )
 def test_fit_debug_sana_teacher_from_the_cli(tmp_path):
-    teacher = save_sana_folder(tmp_path / "sana")
-    data = write_text_pairs(tmp_path / "pairs")
+    # One channel at 8×8: debug=fdr's evaluation scores with the bundled digits classifier.
+    teacher = save_sana_folder(tmp_path / "sana", in_channels=1, out_channels=1)
+    data = write_text_pairs(tmp_path / "pairs", channels=1)
     res = run_cli(
         "fit",
         "debug=fdr",
         "data=text_pairs",
         f"data.path={data}",
+        "data.val_size=16",
+        "data.batch_size=8",
         f"teacher.path={teacher}",
         f"run_dir={tmp_path / 'run'}",
         cwd=tmp_path,

@@ -229,7 +229,7 @@ def attention_with_tangent(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bs = _block_sizes(block_size)
     bias = mask_to_bias(attn_mask, q, k)
-    if _triton_ok(q, bias):
+    if _is_key_bias(bias) and _triton_ok(q):
         from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
         return triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=scale, bias=bias)
@@ -267,8 +267,8 @@ def _is_key_bias(bias: Tensor | None) -> bool:
     return bias is None or bias.shape[-2] == 1
 
 
-def _triton_ok(q: Tensor, bias: Tensor | None = None) -> bool:
-    if not q.is_cuda or not _is_key_bias(bias):
+def _triton_ok(q: Tensor) -> bool:
+    if not q.is_cuda:
         return False
     from scm_lightning.jvp.triton_attention import triton_available
 
@@ -339,7 +339,7 @@ class _JVPAttention(torch.autograd.Function):
         # q): the rule works in the primals' dtype.
         tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
         with torch._C._DisableFuncTorch(), torch.autocast(q.device.type, enabled=False):
-            if _triton_ok(q, bias):
+            if _is_key_bias(bias) and _triton_ok(q):
                 from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
                 ty = triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=ctx.scale, bias=bias)[
