@@ -479,6 +479,8 @@ def test_fit_debug_sana_teacher_from_the_cli(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("fd_teacher_nfe") and "fd_student_nfe2=" in last, last
 
 
 def test_sd3_teacher_x0_equals_flow_closed_form(tmp_path):
