@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
 from scm_lightning.teachers.conditioning import TextCondition
 
 EMBED_DIM = 12  # the tiny UNet's cross_attention_dim
@@ -136,3 +135,159 @@ def write_text_pairs(
         )
     save_file(null, str(path / "null.safetensors"))
     return path
+
+
+def clip_embeddings(folder: Path, prompts: list[str]) -> torch.Tensor:
+    """The prompts' hidden states, computed here with transformers directly (independent of
+    the pipeline's encode_prompt)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = tokenizer(prompts, padding="max_length", max_length=TOKENS, return_tensors="pt")
+    with torch.no_grad():
+        return encoder(input_ids=ids.input_ids).last_hidden_state
+
+
+def random_condition(batch: int, dim: int = EMBED_DIM, dtype=torch.float32, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return TextCondition(torch.randn(batch, TOKENS, dim, generator=g, dtype=dtype))
+
+
+# --- adapters against diffusers' own scheduler arithmetic -----------------------------------
+@pytest.mark.parametrize(
+    ("prediction_type", "scheduler"),
+    [("epsilon", "DDIMScheduler"), ("v_prediction", "DDPMScheduler")],
+)
+def test_adapter_x0_equals_the_diffusers_scheduler_step(
+    prediction_type: str, scheduler: str, tmp_path: Path
+) -> None:
+    """At the TrigFlow time of each checked DDPM timestep i, the adapter's denoised estimate
+    ``x̂0 = cos t·x_t − σ_d sin t·F`` equals the ``pred_original_sample`` of diffusers' own
+    ``step()`` on the UNet's output at ``x_i = √ᾱ_i·x_t/cos t`` (float64)."""
+    import diffusers
+
+    from scm_lightning.teachers.loading import load_teacher
+    from scm_lightning.teachers.schedule import ScheduleAdapter
+
+    folder = write_sd_teacher(tmp_path / "t", prediction_type, scheduler)
+    teacher = load_teacher(folder, torch_dtype=torch.float64)
+    assert isinstance(teacher, ScheduleAdapter) and teacher.prediction_type == prediction_type
+    assert teacher.text_embed_dim == EMBED_DIM and teacher.conditional
+    sched = getattr(diffusers, scheduler).from_pretrained(folder / "scheduler")
+    sched.register_to_config(clip_sample=False)
+    sched.set_timesteps(1000)
+    unet = teacher.net
+    sd = teacher.sigma_data
+    cond = random_condition(3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    for i in (20, 300, 700, 990):
+        ac = sched.alphas_cumprod[i].double()
+        t = math.atan(math.sqrt((1 - ac) / ac) / sd)  # σ/α = σ_d·tan t at knot i
+        x_t = sd * torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64) / math.cos(t)
+        with torch.no_grad():
+            F = teacher(x_t / sd, torch.full((3,), t, dtype=torch.float64), cond)
+            x0_ours = math.cos(t) * x_t - sd * math.sin(t) * F
+            x_i = ac.sqrt() * x_t / math.cos(t)
+            out = unet(x_i, i, encoder_hidden_states=cond.prompt_embeds).sample
+            x0_ref = sched.step(out, i, x_i).pred_original_sample
+        torch.testing.assert_close(x0_ours, x0_ref, rtol=1e-7, atol=1e-7)
+    assert x0_ref.abs().max() > 0.1  # not trivially zero
+
+
+# --- CFG with the null prompt; the student at init ------------------------------------------
+def test_guided_teacher_is_cfg_with_the_null_prompt(tmp_path: Path) -> None:
+    """GuidedTeacher's velocity = u + s·(c − u), c and u the teacher's velocities at the prompt
+    and at the null prompt's embedding (separate calls), per-sample s."""
+    from scm_lightning.teachers.guidance import GuidedTeacher, guided_velocity
+    from scm_lightning.teachers.loading import load_teacher
+
+    teacher = load_teacher(write_sd_teacher(tmp_path / "t"), torch_dtype=torch.float64)
+    cond = random_condition(4, dtype=torch.float64)
+    null = TextCondition(torch.zeros(1, TOKENS, EMBED_DIM, dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x_t = 0.5 * torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.8, 1.2, 1.5], dtype=torch.float64)
+    s = torch.tensor([1.0, 1.5, 2.0, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        c = teacher.velocity(x_t, t, cond)
+        u = teacher.velocity(x_t, t, TextCondition(null.prompt_embeds.expand(4, -1, -1)))
+        expected = u + s.reshape(-1, 1, 1, 1) * (c - u)
+        got = guided_velocity(teacher, x_t, t, cond, s, null)
+        by_module = GuidedTeacher(teacher, 1.0, null).velocity(x_t, t, cond, s)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(by_module, expected, rtol=1e-10, atol=1e-10)
+    assert (c - u).abs().max() > 1e-3  # the prompt matters
+
+
+def test_student_equals_teacher_at_init_and_jvp_attention_covers_cross_attention(
+    tmp_path: Path,
+) -> None:
+    """The student (guidance input, JVP attention installed on every self- and cross-attention)
+    equals the teacher for every s at init, and its JVP through the cross-attention with a
+    prompt condition matches a float64 central difference."""
+    from diffusers.models.attention_processor import Attention
+
+    from scm_lightning.jvp.install import JVPAttnProcessor, install_jvp_attention
+    from scm_lightning.student import Student
+    from scm_lightning.teachers.loading import load_teacher
+
+    teacher = load_teacher(write_sd_teacher(tmp_path / "t"), torch_dtype=torch.float64)
+    student = Student.from_teacher(teacher, guidance_embedding=True)
+    attns = [m for m in student.modules() if isinstance(m, Attention)]
+    cross = [m for m in attns if m.is_cross_attention]
+    assert install_jvp_attention(student) == len(attns) and cross and len(cross) < len(attns)
+    assert all(isinstance(m.processor, JVPAttnProcessor) for m in attns)
+    cond = random_condition(2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    with torch.no_grad():
+        ref = teacher(x, t, cond)
+        for s in (1.0, 1.7, 4.0):
+            got = student(x, t, cond, torch.full((2,), s, dtype=torch.float64))
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    dx = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    # No time tangent here: diffusers embeds the timestep in float32, too coarse for a
+    # central difference; the tangent through the (cross-)attention is what is checked.
+    dt = torch.zeros(2, dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+
+    def f(x_, t_):
+        return student(x_, t_, cond, ones)
+
+    _, tangent = torch.func.jvp(f, (x, t), (dx, dt))
+    h = 1e-5
+    with torch.no_grad():
+        fd = (f(x + h * dx, t + h * dt) - f(x - h * dx, t - h * dt)) / (2 * h)
+    torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-6)
+
+
+# --- the data module ---------------------------------------------------------------------
+def test_text_pairs_batches_hold_out_pairs_and_refuse_bad_folders(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from scm_lightning.data.base import eval_prompts
+    from scm_lightning.data.text_pairs import TextPairsDataModule
+
+    folder = write_text_pairs(tmp_path / "pairs", mask=True, pooled=6, shards=3)
+    dm = TextPairsDataModule(folder, batch_size=8, val_size=16)
+    assert (dm.channels, dm.resolution, dm.num_classes, dm.text_embed_dim) == (1, 8, None, 12)
+    x, cond = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 8, 8) and isinstance(cond, TextCondition)
+    assert cond.prompt_embeds.shape == (8, TOKENS, EMBED_DIM)
+    assert cond.pooled_prompt_embeds.shape == (8, 6) and cond.attention_mask.shape == (8, TOKENS)
+    held = eval_prompts(dm)
+    assert len(held) == 16 and len(dm.base_dataset()) == NUM_PAIRS - 16
+    assert sum(len(c) for _, c in dm.val_dataloader()) == 16
+    train_rows = {tuple(dm.base_dataset()[i][1].prompt_embeds.flatten()[:3].tolist())
+                  for i in range(len(dm.base_dataset()))}  # fmt: skip
+    assert not any(tuple(r.flatten()[:3].tolist()) in train_rows for r in held.prompt_embeds)
+    torch.testing.assert_close(dm.null_condition.prompt_embeds, torch.zeros(1, TOKENS, 12))
+    # a null prompt of another width, and no null prompt at all
+    save_file({"prompt_embeds": torch.zeros(1, TOKENS, 7)}, str(folder / "null.safetensors"))
+    with pytest.raises(ValueError, match=r"null\.safetensors: prompt_embeds must be"):
+        TextPairsDataModule(folder, batch_size=8, val_size=16)
+    (folder / "null.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no null\.safetensors"):
+        TextPairsDataModule(folder, batch_size=8, val_size=16)

@@ -190,11 +190,14 @@ def _batched(
     device: torch.device,
     num_classes: int | None = None,
     class_probs: Tensor | None = None,
+    prompts: Any = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``num`` samples in chunks of ``batch`` from one generator seeded ``seed`` (CPU result)
     and their labels: ``labels``, else (conditional model) drawn per chunk from the same
-    generator by :func:`sampling.draw_class_labels`, as ``fit``'s final evaluation does."""
-    from scm_lightning.sampling import draw_class_labels
+    generator by :func:`sampling.draw_condition` (class labels, or for a text-conditioned
+    model prompts of the run's held-out pairs, recorded as no labels), as ``fit``'s final
+    evaluation does."""
+    from scm_lightning.sampling import draw_condition
 
     gen = torch.Generator(device=device).manual_seed(int(seed))
     out, used = [], []
@@ -203,9 +206,9 @@ def _batched(
         if labels is not None:
             lab = labels[start : start + n].to(device)
         else:
-            lab = draw_class_labels(n, num_classes, gen, class_probs, device)
+            lab = draw_condition(n, num_classes, gen, class_probs, device, prompts)
         out.append(sampler(n, gen, lab).float().cpu())
-        if lab is not None:
+        if isinstance(lab, Tensor):
             used.append(lab.cpu())
     return torch.cat(out), (torch.cat(used) if used else None)
 
@@ -258,8 +261,13 @@ def sample_command(opts: dict[str, Any]) -> dict[str, Path]:
         labels = _labels(opts["labels"], num, num_classes)
         sampler = make_sampler(module, opts, nfe)
         probs = _label_probs(cfg, dm, num_classes)
+        from scm_lightning.data.base import eval_prompts
+
+        prompts = eval_prompts(dm)  # a text-conditioned run samples its held-out prompts
         with ema_swapped(module, ckpt, profile):
-            images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes, probs)
+            images, labels = _batched(
+                sampler, num, batch, seed, labels, device, num_classes, probs, prompts
+            )
         info = {"ema_profile": profile, "global_step": int(ckpt.get("global_step", 0))}
     out = Path(str(opts["out"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +286,13 @@ def _sample_folder(folder: Path, opts, nfe, num, batch, seed, device):
     num_classes = pipe.num_classes
     labels = _labels(opts["labels"], num, num_classes)
     sampler = _folder_sampler(pipe, opts, nfe)
-    images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes)
+    prompts = None
+    if pipe.text_embed_dim:  # prompts of the run's held-out pairs, as for its checkpoint
+        from scm_lightning.data.base import eval_prompts
+        from scm_lightning.training import build_datamodule
+
+        prompts = eval_prompts(build_datamodule(_folder_run_config(folder)))
+    images, labels = _batched(sampler, num, batch, seed, labels, device, num_classes, None, prompts)
     return (
         images,
         labels,
@@ -426,6 +440,9 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     ref_images = dm.reference_images(num)
     ref = _features(feature_net, ref_images, batch, device)
     probs = _label_probs(cfg, dm, num_classes)
+    from scm_lightning.data.base import eval_prompts
+
+    prompts = eval_prompts(dm)
     grids = _teacher_grids(opts, cfg)
 
     rows: list[dict[str, Any]] = []
@@ -440,7 +457,9 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
                 advance(n)
                 return images
 
-            images, _ = _batched(counted, num, batch, seed, None, device, num_classes, probs)
+            images, _ = _batched(
+                counted, num, batch, seed, None, device, num_classes, probs, prompts
+            )
         rows.append(
             {
                 "model": model,
@@ -550,7 +569,16 @@ def _folder_run_config(folder: Path) -> Any:
 def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., Tensor]:
     """``sampler(n, generator, labels)`` of an exported pipeline, as `sample` draws."""
 
-    def sampler(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
+    from scm_lightning.teachers.conditioning import TextCondition
+
+    def sampler(n: int, g: torch.Generator, lab: Any) -> Tensor:
+        cond: dict[str, Any] = {"class_labels": lab}
+        if isinstance(lab, TextCondition):
+            cond = {
+                "prompt_embeds": lab.prompt_embeds,
+                "pooled_prompt_embeds": lab.pooled_prompt_embeds,
+                "prompt_attention_mask": lab.attention_mask,
+            }
         return pipe(
             n,
             nfe,
@@ -558,8 +586,8 @@ def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., 
             intermediate_timesteps=opts["t_mid"],
             generator=g,
             guidance_scale=opts["guidance"],
-            class_labels=lab,
             output_type="latent",
+            **cond,
         ).images
 
     return sampler
@@ -577,7 +605,10 @@ def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..
     from scm_lightning.training import build_datamodule, build_teacher, image_shape
 
     teacher = build_teacher(cfg.teacher).to(device)
-    shape = image_shape(build_datamodule(cfg))
+    dm = build_datamodule(cfg)
+    shape = image_shape(dm)
+    # CFG's unconditional branch: the null prompt of text pairs, else the null class
+    null = getattr(dm, "null_condition", None) if teacher.text_embed_dim else None
     sd = teacher.sigma_data
     default_guidance = float(cfg.eval.get("guidance", 1.0))
 
@@ -585,7 +616,9 @@ def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..
         model: Any = teacher
         s = default_guidance if guidance is None else float(guidance)
         if cfg.student.get("guidance_scale_range") is not None and s != 1.0:
-            model = GuidedTeacher(teacher, s, int(cfg.student.uncond_label))
+            model = GuidedTeacher(
+                teacher, s, null if null is not None else int(cfg.student.uncond_label)
+            )
         noise = sd * torch.randn((n, *shape), generator=g, device=device)  # = module.noise
         return sampling.teacher_sample(
             model, noise, sd, nfe, lab, grid=grid, t_mid=float(cfg.loss.t_mid)

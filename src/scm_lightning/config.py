@@ -451,12 +451,20 @@ def _validate_guidance(cfg: DictConfig) -> None:
         rng,
         "null unless the student has a guidance input (set student.guidance_embedding=true)",
     )
+    text = _text_pairs(cfg)  # the null prompt's embedding comes with the data
     _check(
-        _get(cfg, "student.uncond_label") is not None,
+        _get(cfg, "student.uncond_label") is not None or text,
         "student.guidance_scale_range",
         rng,
         "null unless student.uncond_label names the teacher's null class (CFG's "
-        "unconditional branch; e.g. num_classes)",
+        "unconditional branch; e.g. num_classes) or data=text_pairs brings the null prompt",
+    )
+    _check(
+        _get(cfg, "student.uncond_label") is None or not text,
+        "student.uncond_label",
+        _get(cfg, "student.uncond_label"),
+        "null with data=text_pairs (CFG's unconditional branch is the null prompt's embedding "
+        "in null.safetensors)",
     )
     _check(
         _get(cfg, "loss.mode") == "scd",
@@ -517,6 +525,11 @@ def _validate_teacher(cfg: DictConfig) -> None:
         )
 
 
+def _text_pairs(cfg: DictConfig) -> bool:
+    """Whether the data are (image, prompt embedding) pairs (``data=text_pairs``)."""
+    return str((cfg.get("data") or {}).get("_target_", "")).endswith("TextPairsDataModule")
+
+
 def _validate_data(cfg: DictConfig) -> None:
     data = cfg.data
     _int(cfg, "data.batch_size", 1)
@@ -530,7 +543,7 @@ def _validate_data(cfg: DictConfig) -> None:
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "does not exist"
             raise ConfigError(f"data.root={str(root)!r} {what}: expected a folder of images")
-    if str(data.get("_target_", "")).endswith("TextPairsDataModule"):  # a folder of shards
+    if _text_pairs(cfg):  # a folder of shards
         path = Path(str(_get(cfg, "data.path"))).expanduser()
         if not (path.is_dir() and any(path.glob("*.safetensors"))):
             what = "has no .safetensors shards" if path.is_dir() else "is not a folder"

@@ -121,10 +121,15 @@ def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
             f"cannot export {type(net).__name__}: the raw network must be a diffusers ModelMixin "
             "(save_pretrained/from_pretrained), e.g. TrigFlowUNet or UNet2DModel"
         )
+    from scm_lightning.pipeline import load_text_components
+
+    # A text-conditioned student takes prompts when its teacher folder held a text encoder.
+    teacher_path = ((getattr(module, "run_config", None) or {}).get("teacher") or {}).get("path")
+    text = load_text_components(teacher_path) if adapter.text_embed_dim is not None else {}
     was_training = module.training
     module.eval()
     try:
-        save_pipeline(pipeline_from_adapter(adapter, **extra), out)
+        save_pipeline(pipeline_from_adapter(adapter, text, **extra), out)
     finally:
         module.train(was_training)
     run_config = getattr(module, "run_config", None)

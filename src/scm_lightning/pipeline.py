@@ -28,8 +28,42 @@ LEGACY_ADAPTER_JSON = "adapter.json"  # format 1 folders (adapter beside, not in
 LEGACY_ADAPTER_TENSORS = "adapter.safetensors"
 
 
-def pipeline_from_adapter(adapter: NetAdapter, **extra: Any) -> SCMPipeline:
-    """An :class:`SCMPipeline` around ``adapter.net`` (shared, not copied).
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+
+
+def load_text_components(folder: str | Path | None) -> dict[str, Any]:
+    """``{"text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer}`` from a teacher folder
+    that holds ``text_encoder/`` and ``tokenizer/`` (needs ``transformers``: the ``text``
+    extra); ``{}`` when it holds neither."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    present = [name for name in TEXT_COMPONENTS if (folder / name).is_dir()]
+    if not present:
+        return {}
+    if len(present) != len(TEXT_COMPONENTS):
+        raise ValueError(
+            f"{folder} holds {present[0]}/ without its partner; need both of {TEXT_COMPONENTS}"
+        )
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as err:
+        raise ImportError(
+            f"{folder} holds a text encoder: install transformers (pip install "
+            "'scm-lightning[text]') to export it"
+        ) from err
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    return {
+        "text_encoder": encoder.eval().requires_grad_(False),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+    }
+
+
+def pipeline_from_adapter(
+    adapter: NetAdapter, text_components: dict[str, Any] | None = None, **extra: Any
+) -> SCMPipeline:
+    """An :class:`SCMPipeline` around ``adapter.net`` (shared, not copied); ``text_components``
+    (:func:`load_text_components`) give a text-conditioned one its prompt encoder.
 
     ``extra`` (model type, image shape, ``t_max``, ``t_mid``, EMA profile, step, ...) joins the
     adapter description; ``t_max``/``t_mid`` also become the scheduler's ``max_timesteps`` /
@@ -46,7 +80,13 @@ def pipeline_from_adapter(adapter: NetAdapter, **extra: Any) -> SCMPipeline:
         emb = SCMGuidanceEmbedding(spec["embed_dim"], spec["num_channels"], spec["input_scale"])
         emb.linear.load_state_dict(own.linear.state_dict())
         emb.linear.to(own.linear.weight.device, own.linear.weight.dtype)
-    return SCMPipeline(unet=adapter.net, scheduler=scheduler, guidance_embedding=emb, adapter=desc)
+    return SCMPipeline(
+        unet=adapter.net,
+        scheduler=scheduler,
+        guidance_embedding=emb,
+        adapter=desc,
+        **(text_components or {}),
+    )
 
 
 def standalone_source(module: Any) -> str:
@@ -165,7 +205,9 @@ def load_pipeline(folder: str | Path) -> SCMPipeline:
     emb = None
     if desc.get("guidance") == "embedding":
         emb = SCMGuidanceEmbedding.from_pretrained(folder / "guidance_embedding", **kwargs)
-    return SCMPipeline(unet=unet, scheduler=scheduler, guidance_embedding=emb, adapter=desc)
+    has_text = all((index.get(n) or [None])[0] for n in TEXT_COMPONENTS)  # [null, null]: none
+    text = load_text_components(folder) if has_text else {}
+    return SCMPipeline(unet=unet, scheduler=scheduler, guidance_embedding=emb, adapter=desc, **text)
 
 
 def pipeline_adapter(pipe: SCMPipeline) -> NetAdapter:
@@ -184,6 +226,7 @@ __all__ = [
     "adapter_description",
     "build_adapter",
     "load_pipeline",
+    "load_text_components",
     "pipeline_adapter",
     "pipeline_from_adapter",
     "read_description",

@@ -17,6 +17,9 @@ Folder::
                           also holds ``max_timesteps`` (t_max) and ``intermediate_timesteps``
                           (the 2-step t_mid)
     guidance_embedding/   only for a student with a learned CFG-scale input
+    text_encoder/, tokenizer/  only for a text-conditioned student whose teacher folder held
+                          them (transformers CLIPTextModel + CLIPTokenizer): then ``prompt=``
+                          works besides ``prompt_embeds=``
 
 ``adapter`` says how the raw network becomes F in TrigFlow units (spec §2): ``kind`` is
 ``trigflow`` (``F = net(x_t/σ_d, t)``), ``edm`` (``F = ∓net(x_t/σ_d, ln(σ_d tan t)/4)``),
@@ -34,10 +37,12 @@ scheduler's ``step()`` doing each update: start ``x = σ_d·n`` (n unit normal, 
 
 from __future__ import annotations
 
+import inspect  # noqa: F401 (text_net_kwargs, inlined here in an export, uses it)
 import itertools
 import math
 import warnings
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,6 +53,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
+
+from scm_lightning.teachers.conditioning import text_net_kwargs
 
 ADAPTER_FORMAT = 2
 ADAPTER_KINDS = ("trigflow", "edm", "vp", "flow", "denoiser")
@@ -160,23 +167,31 @@ def trigflow_F(
     adapter: dict[str, Any],
     x_scaled: Tensor,
     t: Tensor,
-    class_labels: Tensor | None = None,
+    class_labels: Any = None,
     guidance: Tensor | None = None,
 ) -> Tensor:
     """``F(x_t/σ_d, t)`` of the raw ``net`` as ``adapter`` describes (module doc); ``t`` (B,)
-    radians. ``guidance`` goes to a net with a native guidance input only (an embedding is
-    added by a hook, see :class:`SCMGuidanceEmbedding`)."""
+    radians. ``class_labels``: labels ``(B,)``, or prompt embeddings (an object with
+    ``prompt_embeds``, ``pooled_prompt_embeds``, ``attention_mask``) that become the net's
+    ``encoder_hidden_states`` keywords. ``guidance`` goes to a net with a native guidance input
+    only (an embedding is added by a hook, see :class:`SCMGuidanceEmbedding`)."""
     kind, sd = adapter["kind"], float(adapter["sigma_data"])
     dtype = x_scaled.dtype
     t_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     kwargs: dict[str, Any] = {}
-    if class_labels is not None:
+    text = hasattr(class_labels, "prompt_embeds")
+    if text:
+        kwargs.update(text_net_kwargs(net, class_labels))
+    elif class_labels is not None:
         kwargs["class_labels"] = class_labels
     if adapter.get("guidance") == "native":
         kwargs["guidance"] = guidance
 
     def call(sample: Tensor, timestep: Tensor) -> Tensor:
-        out = _unwrap(net(sample, timestep, **kwargs))
+        # text nets get the timestep by keyword (Sana/SD3 take encoder_hidden_states second)
+        out = _unwrap(
+            net(sample, timestep=timestep, **kwargs) if text else net(sample, timestep, **kwargs)
+        )
         return out[:, : sample.shape[1]] if out.shape[1] == 2 * sample.shape[1] else out
 
     t64 = t.to(torch.float64)
@@ -239,12 +254,13 @@ class SCMPipeline(DiffusionPipeline):
     """Consistency sampling with an sCM student (spec §5) on diffusers' ``SCMScheduler``.
 
     Components: ``unet`` (the raw network), ``scheduler`` (``SCMScheduler``) and, for a
-    guidance-distilled student, ``guidance_embedding``. ``adapter`` (a JSON dict in
+    guidance-distilled student, ``guidance_embedding``; for a text-conditioned one optionally
+    ``text_encoder`` + ``tokenizer`` (prompts). ``adapter`` (a JSON dict in
     ``model_index.json``, module doc) says how ``unet`` gives F.
     """
 
-    model_cpu_offload_seq = "unet"
-    _optional_components: ClassVar[list[str]] = ["guidance_embedding"]
+    model_cpu_offload_seq = "text_encoder->unet"
+    _optional_components: ClassVar[list[str]] = ["guidance_embedding", "text_encoder", "tokenizer"]
 
     def __init__(
         self,
@@ -252,6 +268,8 @@ class SCMPipeline(DiffusionPipeline):
         scheduler: SCMScheduler,
         guidance_embedding: nn.Module | None = None,
         adapter: dict | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
     ) -> None:
         super().__init__()
         if scheduler.config.prediction_type != "trigflow":
@@ -270,7 +288,17 @@ class SCMPipeline(DiffusionPipeline):
                 f"adapter guidance={adapter.get('guidance')!r} but the guidance_embedding "
                 f"component is {'missing' if guidance_embedding is None else 'present'}"
             )
-        self.register_modules(unet=unet, scheduler=scheduler, guidance_embedding=guidance_embedding)
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("text_encoder and tokenizer come together (both or neither)")
+        if text_encoder is not None and not adapter.get("text_embed_dim"):
+            raise ValueError("a text encoder was given but the model is not text-conditioned")
+        self.register_modules(
+            unet=unet,
+            scheduler=scheduler,
+            guidance_embedding=guidance_embedding,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
         self.register_to_config(adapter=dict(adapter))
 
     @property
@@ -286,6 +314,11 @@ class SCMPipeline(DiffusionPipeline):
         return self.adapter_config.get("num_classes") or None
 
     @property
+    def text_embed_dim(self) -> int | None:
+        """Width D of the prompt embeddings ``(B, L, D)`` of a text-conditioned model."""
+        return self.adapter_config.get("text_embed_dim") or None
+
+    @property
     def accepts_guidance(self) -> bool:
         return self.adapter_config.get("guidance", "none") in ("native", "embedding")
 
@@ -293,7 +326,7 @@ class SCMPipeline(DiffusionPipeline):
         self,
         x_scaled: Tensor,
         t: Tensor,
-        class_labels: Tensor | None = None,
+        class_labels: Any = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
         """F in TrigFlow units (``x_scaled = x_t/σ_d`` (B, C, H, W), ``t`` (B,) radians)."""
@@ -356,6 +389,78 @@ class SCMPipeline(DiffusionPipeline):
         return labels
 
     @torch.no_grad()
+    def encode_prompt(self, prompt: str | Sequence[str], device: torch.device) -> Tensor:
+        """``(B, L, D)`` hidden states of the text encoder for ``prompt`` (padded to the
+        tokenizer's ``model_max_length``, Stable Diffusion's convention)."""
+        if getattr(self, "text_encoder", None) is None:
+            raise ValueError(
+                "prompt given but this pipeline has no text encoder and tokenizer (the teacher "
+                "folder held none); pass prompt_embeds"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    def _text_condition(
+        self,
+        prompt: str | Sequence[str] | None,
+        prompt_embeds: Tensor | None,
+        pooled_prompt_embeds: Tensor | None,
+        prompt_attention_mask: Tensor | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> SimpleNamespace | None:
+        """The prompt condition of ``batch_size`` rows (one prompt is repeated), or None."""
+        given = [v is not None for v in (prompt, prompt_embeds, pooled_prompt_embeds)]
+        if not self.text_embed_dim:
+            if any(given) or prompt_attention_mask is not None:
+                raise ValueError("prompt/prompt_embeds given but the model is not text-conditioned")
+            return None
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        if prompt is not None:
+            prompt_embeds = self.encode_prompt(prompt, device)
+        if prompt_embeds is None:
+            raise ValueError(
+                "this model is text-conditioned: pass prompt_embeds (B, L, D) or prompt"
+            )
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != self.text_embed_dim:
+            raise ValueError(
+                f"prompt_embeds must be (B, L, {self.text_embed_dim}), "
+                f"got {tuple(prompt_embeds.shape)}"
+            )
+        fields = {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled_prompt_embeds,
+            "attention_mask": prompt_attention_mask,
+        }
+        dtype = next(self.unet.parameters()).dtype
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if value.shape[0] not in (1, batch_size):
+                raise ValueError(
+                    f"{name} has {value.shape[0]} rows; expected 1 or batch_size={batch_size}"
+                )
+            value = value.to(device)  # embeddings in the net's dtype, the mask as given
+            if name != "attention_mask" and value.is_floating_point():
+                value = value.to(dtype)
+            fields[name] = value.expand(batch_size, *value.shape[1:])
+        return SimpleNamespace(**fields)
+
+    def _condition_rows(self, prompt: Any, prompt_embeds: Tensor | None) -> int | None:
+        """Rows of the given prompts (a batch_size of 1 follows them)."""
+        if prompt is not None:
+            return 1 if isinstance(prompt, str) else len(prompt)
+        return None if prompt_embeds is None else int(prompt_embeds.shape[0])
+
+    @torch.no_grad()
     def __call__(
         self,
         batch_size: int = 1,
@@ -368,6 +473,10 @@ class SCMPipeline(DiffusionPipeline):
         class_labels: int | Sequence[int] | Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt: str | Sequence[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        prompt_attention_mask: Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample ``batch_size`` images in ``num_inference_steps`` network evaluations.
 
@@ -380,6 +489,12 @@ class SCMPipeline(DiffusionPipeline):
             class_labels: one label or ``(B,)``; default ``arange(B) % num_classes``.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or
                 ``"latent"`` (NCHW in data units, unclamped).
+            prompt: a text-conditioned model's prompt(s), encoded by the folder's text encoder.
+            prompt_embeds: ``(B or 1, L, D)`` prompt embeddings instead of ``prompt``, with
+                ``pooled_prompt_embeds`` ``(B or 1, P)`` and ``prompt_attention_mask``
+                ``(B or 1, L)`` where the model takes them. With ``batch_size=1`` and B rows,
+                B images are drawn. (A guidance-distilled student takes the CFG scale as an
+                input, so no negative prompt is needed.)
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -396,8 +511,23 @@ class SCMPipeline(DiffusionPipeline):
             )
         device = self._execution_device
         unet_dtype = next(self.unet.parameters()).dtype
+        rows = self._condition_rows(prompt, prompt_embeds)
+        if rows is not None and int(batch_size) == 1:
+            batch_size = rows
         shape = (int(batch_size), self.unet.config.in_channels, *self._image_hw())
         labels = self._labels(class_labels, int(batch_size), device)
+        text = self._text_condition(
+            prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            prompt_attention_mask,
+            int(batch_size),
+            device,
+        )
+        if text is not None:
+            if labels is not None:
+                raise ValueError("class_labels given but the model is text-conditioned")
+            labels = text
         guidance = None
         if self.accepts_guidance:
             s = 1.0 if guidance_scale is None else float(guidance_scale)

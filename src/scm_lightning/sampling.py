@@ -17,11 +17,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from scm_lightning.teachers.conditioning import Condition, TextCondition
 from scm_lightning.trigflow import (
     RHO_EDM,
     SIGMA_MAX_EDM,
@@ -34,6 +34,9 @@ from scm_lightning.trigflow import (
     t_mid_time_grid,
     uniform_time_grid,
 )
+
+if TYPE_CHECKING:  # (importing the teachers package here would pull in diffusers)
+    from scm_lightning.teachers.conditioning import Condition, TextCondition
 
 Model = Callable[..., Tensor]
 

@@ -84,6 +84,8 @@ def adapter_description(adapter: nn.Module) -> dict[str, Any]:
     else:
         raise TypeError(f"cannot describe adapter {type(adapter).__name__}")
     desc["conditioning"] = CONDITIONING[desc["kind"]]
+    if adapter.text_embed_dim is not None:  # prompt embeddings (B, L, D) as the condition
+        desc["text_embed_dim"] = int(adapter.text_embed_dim)
     if adapter.native_guidance:
         desc["guidance"] = "native"
     elif adapter.guidance_embedding is not None:
