@@ -12,13 +12,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from scm_lightning.teachers.conditioning import TextCondition
 
 EMBED_DIM = 12  # the tiny UNet's cross_attention_dim
-TOKENS = 5  # prompt length L
+TOKENS = 5  # prompt length L of the stored pairs
+TEXT_TOKENS = 8  # the tiny tokenizer's model_max_length (another L: the UNet takes any)
 NUM_PAIRS = 96
 VOCAB = ["a", "one", "two", "three", "digit", "of", "the", "zero"]
 
@@ -80,7 +83,7 @@ def write_tiny_text_encoder(path: Path, hidden: int = EMBED_DIM) -> None:
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(
-        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=TOKENS
+        str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=TEXT_TOKENS
     )
     tokenizer.save_pretrained(tok_dir)
     torch.manual_seed(1)
@@ -90,7 +93,7 @@ def write_tiny_text_encoder(path: Path, hidden: int = EMBED_DIM) -> None:
         intermediate_size=2 * hidden,
         num_hidden_layers=1,
         num_attention_heads=2,
-        max_position_embeddings=TOKENS,
+        max_position_embeddings=TEXT_TOKENS,
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
@@ -144,7 +147,9 @@ def clip_embeddings(folder: Path, prompts: list[str]) -> torch.Tensor:
 
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    ids = tokenizer(prompts, padding="max_length", max_length=TOKENS, return_tensors="pt")
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         return encoder(input_ids=ids.input_ids).last_hidden_state
 
@@ -291,3 +296,168 @@ def test_text_pairs_batches_hold_out_pairs_and_refuse_bad_folders(tmp_path: Path
     (folder / "null.safetensors").unlink()
     with pytest.raises(ValueError, match=r"no null\.safetensors"):
         TextPairsDataModule(folder, batch_size=8, val_size=16)
+
+
+# --- fit from the CLI, epsilon and v-prediction --------------------------------------------
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return write_text_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("prediction_type", "cfg"), [("epsilon", False), ("v_prediction", True)], ids=["eps", "v"]
+)
+def test_fit_debug_from_the_cli(prediction_type: str, cfg: bool, pairs: Path, tmp_path: Path):
+    """``fit debug=fdr data=text_pairs teacher.path=<SD-style folder>``: training, validation,
+    sample grids and the final FD (teacher and student on held-out prompts); with CFG
+    distillation (the null prompt as the unconditional branch) for v-prediction."""
+    teacher = write_sd_teacher(tmp_path / "teacher", prediction_type)
+    guidance = (
+        ["student.guidance_embedding=true", "student.guidance_scale_range=[1,2]"] if cfg else []
+    )
+    res = run_cli(
+        "fit",
+        "debug=fdr",
+        "data=text_pairs",
+        f"data.path={pairs}",
+        "data.val_size=16",
+        "teacher=diffusers",
+        f"teacher.path={teacher}",
+        f"run_dir={tmp_path / 'run'}",
+        "eval.teacher_nfes=[2]",
+        "eval.teacher_grids=[edm]",
+        *guidance,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert "fd_teacher_nfe2=" in last and "fd_student_nfe1=" in last, last
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert all(math.isfinite(results[k]) for k in ("fd_student_nfe1", "fd_student_nfe2"))
+    assert (tmp_path / "run" / "samples" / "samples_final_nfe1.png").is_file()
+
+
+# --- export -> diffusers -> sample with prompt embeddings and prompts ------------------------
+LOAD_TEXT_SCRIPT = r"""
+import importlib.abc, sys
+
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "scm_lightning" or name.startswith("scm_lightning."):
+            raise ImportError("scm_lightning must not be needed to load an export")
+        return None
+
+sys.meta_path.insert(0, NoProject())
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
+embeds = load_file(f"{out}/embeds.safetensors")["prompt_embeds"]
+result = {}
+for nfe in (1, 2):
+    gen = torch.Generator().manual_seed(0)
+    result[f"embeds{nfe}"] = pipe(
+        num_inference_steps=nfe, prompt_embeds=embeds, guidance_scale=1.5, generator=gen,
+        output_type="latent",
+    ).images
+gen = torch.Generator().manual_seed(0)
+result["prompts2"] = pipe(
+    num_inference_steps=2, prompt=PROMPTS, guidance_scale=1.5, generator=gen,
+    output_type="latent",
+).images
+save_file(result, f"{out}/images.safetensors")
+"""
+PROMPTS = ["one digit", "two", "the zero of three"]
+
+
+@pytest.mark.slow
+def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
+    pairs: Path, tmp_path: Path
+) -> None:
+    """A CFG-distilled text student (2 steps of `fit`) exported with the teacher folder's tiny
+    CLIP text encoder: diffusers' loader (fresh process, no scm_lightning) samples with
+    ``prompt_embeds`` exactly as our sampler does (1e-5), and with ``prompt=`` as with the
+    prompts' embeddings computed here by transformers; `sample` from the checkpoint and from
+    the export draw the same held-out prompts."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import fit_two_steps
+    from scm_lightning import commands
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
+    from scm_lightning.pipeline import load_pipeline
+    from scm_lightning.restore import rebuild_module
+    from test_diffusers_load import fresh_process_env
+
+    teacher = write_sd_teacher(tmp_path / "teacher", "v_prediction")
+    write_tiny_text_encoder(teacher)
+    ckpt_path = fit_two_steps(
+        tmp_path / "run",
+        teacher,
+        "data=text_pairs",
+        f"data.path={pairs}",
+        "data.val_size=16",
+        "student.guidance_embedding=true",
+        "student.guidance_scale_range=[1,2]",
+    )
+    folder = tmp_path / "export"
+    assert commands.main("export", [f"ckpt={ckpt_path}", f"out={folder}"]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["adapter"]["text_embed_dim"] == EMBED_DIM
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+
+    embeds = clip_embeddings(teacher, PROMPTS)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    save_file({"prompt_embeds": embeds.contiguous()}, str(fresh / "embeds.safetensors"))
+    script = fresh / "load.py"
+    script.write_text(LOAD_TEXT_SCRIPT.replace("PROMPTS", repr(PROMPTS)))
+    res = subprocess.run(
+        [sys.executable, "-I", str(script), str(folder), str(fresh)],
+        env=fresh_process_env(fresh),
+        cwd=fresh,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = load_file(str(fresh / "images.safetensors"))
+
+    ckpt = load_checkpoint(ckpt_path)
+    module, _, _ = rebuild_module(ckpt, with_teacher=False)
+    with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
+        for nfe in (1, 2):
+            ref = module.sample(
+                3,
+                nfe=nfe,
+                generator=torch.Generator().manual_seed(0),
+                class_labels=TextCondition(embeds),
+                guidance=1.5,
+            )
+            torch.testing.assert_close(got[f"embeds{nfe}"], ref, rtol=0, atol=1e-5)
+            assert ref.abs().max() > 1e-2
+    torch.testing.assert_close(got["prompts2"], got["embeds2"], rtol=0, atol=1e-5)
+    assert (got["embeds2"][0] - got["embeds2"][1]).abs().max() > 1e-4  # prompts matter
+
+    # the `sample` command: checkpoint and export draw the same held-out prompts
+    for name, source in (("ckpt", ckpt_path), ("folder", folder)):
+        argv = [f"ckpt={source}", f"out={tmp_path / name}", "nfe=2", "num=6", "guidance=1.5"]
+        assert commands.main("sample", argv) == 0
+    a, b = (np.load(tmp_path / n / "samples_nfe2_seed0.npz")["samples"] for n in ("ckpt", "folder"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    # an export without a text encoder takes embeddings only
+    plain = load_pipeline(folder)
+    plain.text_encoder = plain.tokenizer = None
+    with pytest.raises(ValueError, match="no text encoder and tokenizer"):
+        plain(prompt="one digit", output_type="latent")
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \(B, L, 12\)"):
+        plain(prompt_embeds=torch.zeros(1, TOKENS, 7), output_type="latent")
+    with pytest.raises(ValueError, match="text-conditioned: pass prompt_embeds"):
+        plain(output_type="latent")

@@ -37,7 +37,7 @@ scheduler's ``step()`` doing each update: start ``x = σ_d·n`` (n unit normal, 
 
 from __future__ import annotations
 
-import inspect  # noqa: F401 (text_net_kwargs, inlined here in an export, uses it)
+import inspect
 import itertools
 import math
 import warnings
@@ -53,8 +53,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
-
-from scm_lightning.teachers.conditioning import text_net_kwargs
 
 ADAPTER_FORMAT = 2
 ADAPTER_KINDS = ("trigflow", "edm", "vp", "flow", "denoiser")
@@ -141,6 +139,32 @@ def _x0_from_prediction(pred, x_s, alpha, sigma, prediction_type: str) -> Tensor
     raise ValueError(
         f"unknown prediction_type {prediction_type!r}; expected {SCHEDULE_PREDICTIONS}"
     )
+
+
+def text_net_kwargs(net: nn.Module, cond: Any) -> dict[str, Any]:
+    """The keywords a text-conditioned diffusers net takes for prompt embeddings ``cond``
+    (``prompt_embeds`` -> ``encoder_hidden_states``, ``attention_mask`` ->
+    ``encoder_attention_mask``, ``pooled_prompt_embeds`` -> ``pooled_projections`` or
+    ``added_cond_kwargs["text_embeds"]``); = ``scm_lightning.teachers.conditioning``'s."""
+    params = inspect.signature(net.forward).parameters
+    name = type(net).__name__
+    if "encoder_hidden_states" not in params:
+        raise ValueError(f"{name} takes no encoder_hidden_states: it is not text-conditioned")
+    kwargs: dict[str, Any] = {"encoder_hidden_states": cond.prompt_embeds}
+    if cond.attention_mask is not None:
+        if "encoder_attention_mask" not in params:
+            raise ValueError(f"{name} takes no encoder_attention_mask; drop attention_mask")
+        kwargs["encoder_attention_mask"] = cond.attention_mask
+    pooled = cond.pooled_prompt_embeds
+    if pooled is not None:
+        config = getattr(net, "config", None)
+        if "pooled_projections" in params:
+            kwargs["pooled_projections"] = pooled
+        elif "added_cond_kwargs" in params and getattr(config, "addition_embed_type", None):
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled}
+        else:
+            raise ValueError(f"{name} takes no pooled embeddings; drop pooled_prompt_embeds")
+    return kwargs
 
 
 def check_adapter(adapter: dict[str, Any] | None) -> dict[str, Any]:
