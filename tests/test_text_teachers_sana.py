@@ -509,3 +509,99 @@ def test_sd3_teacher_x0_equals_flow_closed_form(tmp_path):
     _close(c * x_t - sn * SIGMA_DATA * F, x_s - s.view(-1, 1, 1, 1) * v, 1e-10)
     student = Student.from_teacher(teacher).double()
     _close(student(x_t / SIGMA_DATA, t, cond), F, 1e-12)
+
+
+# --- export -> diffusers (fresh process) -> sample ----------------------------------------------
+LOAD_SANA_SCRIPT = r"""
+import importlib.abc, sys
+
+class NoProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "scm_lightning" or name.startswith("scm_lightning."):
+            raise ImportError("scm_lightning must not be needed to load an export")
+        return None
+
+sys.meta_path.insert(0, NoProject())
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
+cond = load_file(f"{out}/cond.safetensors")
+result = {}
+for nfe in (1, 2):
+    result[f"nfe{nfe}"] = pipe(
+        num_inference_steps=nfe, prompt_embeds=cond["prompt_embeds"],
+        prompt_attention_mask=cond["attention_mask"], guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(0), output_type="latent",
+    ).images
+save_file(result, f"{out}/images.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
+    """A CFG-distilled student of a Sana teacher (guidance embedding on Sana's timestep
+    embedder; 2 training steps with JVP attention on the masked cross-attention) exports
+    through pipeline_scm.py; diffusers' loader in a fresh process (no scm_lightning) samples
+    with prompt_embeds + prompt_attention_mask as our sampler does (1e-5)."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import fit_two_steps
+    from scm_lightning import commands
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
+    from scm_lightning.restore import rebuild_module
+    from test_diffusers_load import fresh_process_env
+
+    teacher = save_sana_folder(tmp_path / "sana")
+    data = write_text_pairs(tmp_path / "pairs")
+    ckpt_path = fit_two_steps(
+        tmp_path / "run",
+        teacher,
+        "data=text_pairs",
+        f"data.path={data}",
+        "data.val_size=16",
+        "student.guidance_embedding=true",
+        "student.guidance_scale_range=[1,2]",
+    )
+    folder = tmp_path / "export"
+    assert commands.main("export", [f"ckpt={ckpt_path}", f"out={folder}"]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["adapter"]["net_class"] == "SanaTransformer2DModel"
+    assert index["adapter"]["kind"] == "flow"
+
+    cond = _condition(batch=3, dtype=torch.float32)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    save_file(
+        {"prompt_embeds": cond.prompt_embeds, "attention_mask": cond.attention_mask},
+        str(fresh / "cond.safetensors"),
+    )
+    script = fresh / "load.py"
+    script.write_text(LOAD_SANA_SCRIPT)
+    res = subprocess.run(
+        [sys.executable, "-I", str(script), str(folder), str(fresh)],
+        env=fresh_process_env(fresh),
+        cwd=fresh,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = load_file(str(fresh / "images.safetensors"))
+
+    ckpt = load_checkpoint(ckpt_path)
+    module, _, _ = rebuild_module(ckpt, with_teacher=False)
+    with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
+        for nfe in (1, 2):
+            ref = module.sample(
+                3,
+                nfe=nfe,
+                generator=torch.Generator().manual_seed(0),
+                class_labels=cond,
+                guidance=1.5,
+            )
+            torch.testing.assert_close(got[f"nfe{nfe}"], ref, rtol=0, atol=1e-5)
+            assert ref.abs().max() > 1e-2
