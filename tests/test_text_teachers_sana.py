@@ -310,6 +310,28 @@ def test_unsupported_processor_is_one_line_naming_the_class():
     assert type(model.transformer_blocks[0].attn2.processor).__name__ == "SanaAttnProcessor2_0"
 
 
+def test_attention_module_mixin_models_are_refused_in_one_line():
+    """diffusers' newer attention classes (Flux) run fused kernels inside their own processors."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        pooled_projection_dim=6,
+        axes_dims_rope=(2, 2, 4),
+    )
+    with pytest.raises(TypeError) as err:
+        install_jvp_attention(model)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "FluxAttention" in msg and "FluxAttnProcessor" in msg and "supported:" in msg
+
+
 # --- Sana teacher through load_teacher ----------------------------------------------------------
 
 

@@ -302,8 +302,10 @@ def install_jvp_attention(
             targets.append((name, module))
         elif isinstance(module, (nn.MultiheadAttention, AttentionModuleMixin)):
             raise TypeError(
-                f"{label!r} is a {type(module).__name__}, which has no forward-mode AD and "
-                "cannot be patched; use diffusers' Attention instead"
+                f"{label!r} is a {type(module).__name__} (processor "
+                f"{type(getattr(module, 'processor', None)).__name__}), whose fused attention "
+                "has no forward-mode AD and cannot be patched; supported: diffusers' Attention "
+                f"with {_REPLACED} (replaced) or {_LEFT_ALONE} (left alone)"
             )
     patched = 0
     for _, module in targets:
