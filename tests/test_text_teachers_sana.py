@@ -627,3 +627,73 @@ def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
             )
             torch.testing.assert_close(got[f"nfe{nfe}"], ref, rtol=0, atol=1e-5)
             assert ref.abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_sd3_student_with_pooled_embeddings_exports_and_samples_as_our_sampler(tmp_path):
+    """SD3 end to end: text pairs with pooled embeddings and no mask, CFG distillation (guidance
+    embedding on SD3's time_text_embed, JVP attention on joint attention), export, and the
+    exported pipeline (loaded here; the fresh-process load is the Sana test's) samples with
+    prompt_embeds + pooled_prompt_embeds as our sampler does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import save_file
+
+    from conftest import fit_two_steps
+    from scm_lightning import commands
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
+    from scm_lightning.pipeline import load_pipeline
+    from scm_lightning.restore import rebuild_module
+
+    tiny_sd3().save_pretrained(tmp_path / "sd3" / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(tmp_path / "sd3" / "scheduler")
+    data = tmp_path / "pairs"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "images": torch.rand(48, 4, 8, 8, generator=g) * 2 - 1,
+            "prompt_embeds": torch.randn(48, 5, 12, generator=g),
+            "pooled_prompt_embeds": torch.randn(48, 6, generator=g),
+        },
+        str(data / "shard_000.safetensors"),
+    )
+    save_file(
+        {"prompt_embeds": torch.zeros(1, 5, 12), "pooled_prompt_embeds": torch.zeros(1, 6)},
+        str(data / "null.safetensors"),
+    )
+    ckpt_path = fit_two_steps(
+        tmp_path / "run",
+        tmp_path / "sd3",
+        "data=text_pairs",
+        f"data.path={data}",
+        "data.val_size=16",
+        "student.guidance_embedding=true",
+        "student.guidance_scale_range=[1,2]",
+    )
+    folder = tmp_path / "export"
+    assert commands.main("export", [f"ckpt={ckpt_path}", f"out={folder}"]) == 0
+    pipe = load_pipeline(folder)
+    cond = _condition(batch=3, dtype=torch.float32, pooled=6, mask=False)
+    cond = TextCondition(cond.prompt_embeds, cond.pooled_prompt_embeds.float())
+    ckpt = load_checkpoint(ckpt_path)
+    module, _, _ = rebuild_module(ckpt, with_teacher=False)
+    for nfe in (1, 2):
+        got = pipe(
+            num_inference_steps=nfe,
+            prompt_embeds=cond.prompt_embeds,
+            pooled_prompt_embeds=cond.pooled_prompt_embeds,
+            guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+        with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
+            ref = module.sample(
+                3,
+                nfe=nfe,
+                generator=torch.Generator().manual_seed(0),
+                class_labels=cond,
+                guidance=1.5,
+            )
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        assert ref.abs().max() > 1e-2
