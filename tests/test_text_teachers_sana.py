@@ -98,6 +98,61 @@ def test_mask_shape_errors_and_no_mask_tangent():
         )
 
 
+def test_key_padding_mask_never_materialises_the_score_matrix():
+    """With a (B, 1, 1, Lk) key-padding mask, no tensor of size Lq×Lk per (batch, head)
+    appears: neither in the fused primal nor in the tiled tangent (the bias is cut per tile)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _ShapeRecorder(TorchDispatchMode):
+        """Elements of storage each op's outputs hold (a broadcast view holds its base's)."""
+
+        def __init__(self):
+            super().__init__()
+            self.numels: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    size = t.untyped_storage().nbytes() // t.element_size()
+                    self.numels.append((str(func), size))
+            return out
+
+    b, h, lq, lk, d, bq, bk = 1, 2, 96, 80, 8, 32, 16
+    g = torch.Generator().manual_seed(0)
+    primals = tuple(torch.randn(b, h, n, d, generator=g) for n in (lq, lk, lk))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    keep = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    keep[..., 60:] = False
+    with _ShapeRecorder() as rec:
+        torch.func.jvp(
+            lambda *a: jvp_attention(*a, block_size=(bq, bk), attn_mask=keep), primals, tangents
+        )
+    bound = b * h * max(bq * bk, max(lq, lk) * 2 * d)
+    worst = max(rec.numels, key=lambda x: x[1])
+    assert worst[1] <= bound < b * h * lq * lk, worst
+    with _ShapeRecorder() as rec_math:  # the recorder does see the math path's matrix
+        torch.func.jvp(lambda *a: math_attention(*a, keep), primals, tangents)
+    assert max(n for _, n in rec_math.numels) >= b * h * lq * lk
+
+
+def test_per_query_masks_take_the_torch_loop_where_triton_would_run(monkeypatch):
+    """The Triton kernel takes key padding only; a (Lq, Lk) mask goes to the torch loop even
+    where Triton is available (forced on here: the kernel itself would refuse CPU tensors)."""
+    import scm_lightning.jvp.attention as attention
+
+    monkeypatch.setattr(attention, "_triton_ok", lambda q: True)
+    b, h, lq, lk, d = 2, 2, 9, 11, 4
+    g = torch.Generator().manual_seed(0)
+    primals = tuple(torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for n in (lq, lk, lk))
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    mask = _masks(b, h, lq, lk, torch.float64)["full_bool"]
+    y, ty = torch.func.jvp(lambda *a: jvp_attention(*a, attn_mask=mask), primals, tangents)
+    y_ref, ty_ref = torch.func.jvp(lambda *a: math_attention(*a, mask), primals, tangents)
+    _close(y, y_ref, 1e-12)
+    _close(ty, ty_ref, 1e-12)
+
+
 _TRITON_CHILD = textwrap.dedent(
     """
     import json, math, os
