@@ -313,8 +313,16 @@ def test_fit_debug_from_the_cli(prediction_type: str, cfg: bool, pairs: Path, tm
     sample grids and the final FD (teacher and student on held-out prompts); with CFG
     distillation (the null prompt as the unconditional branch) for v-prediction."""
     teacher = write_sd_teacher(tmp_path / "teacher", prediction_type)
-    guidance = (
-        ["student.guidance_embedding=true", "student.guidance_scale_range=[1,2]"] if cfg else []
+    # The CFG run skips the grids and the final FD (the epsilon run covers them): CI time.
+    extra = (
+        [
+            "student.guidance_embedding=true",
+            "student.guidance_scale_range=[1,2]",
+            "eval=none",
+            "callbacks.samples=null",
+        ]
+        if cfg
+        else ["eval.teacher_nfes=[2]", "eval.teacher_grids=[edm]"]
     )
     res = run_cli(
         "fit",
@@ -325,12 +333,13 @@ def test_fit_debug_from_the_cli(prediction_type: str, cfg: bool, pairs: Path, tm
         "teacher=diffusers",
         f"teacher.path={teacher}",
         f"run_dir={tmp_path / 'run'}",
-        "eval.teacher_nfes=[2]",
-        "eval.teacher_grids=[edm]",
-        *guidance,
+        *extra,
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    if cfg:
+        return
     last = res.stdout.strip().splitlines()[-1]
     assert "fd_teacher_nfe2=" in last and "fd_student_nfe1=" in last, last
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -461,3 +470,85 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
         plain(prompt_embeds=torch.zeros(1, TOKENS, 7), output_type="latent")
     with pytest.raises(ValueError, match="text-conditioned: pass prompt_embeds"):
         plain(output_type="latent")
+
+
+# --- errors before work ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_world(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("text_bad")
+    return {
+        "base": base,
+        "teacher": write_sd_teacher(base / "teacher"),
+        "wide_teacher": write_sd_teacher(base / "wide", cross_attention_dim=16),
+        "pairs": write_text_pairs(base / "pairs", num=32),
+        "pooled": write_text_pairs(base / "pooled", num=32, pooled=6),
+    }
+
+
+def _fit_argv(w: dict[str, Path], teacher: str | None, pairs: str | None, *extra: str):
+    argv = ["fit", f"run_dir={w['base'] / 'run'}", "data.batch_size=8", "eval=none"]
+    if teacher:
+        argv += ["teacher=diffusers", f"teacher.path={w[teacher]}"]
+    if pairs:
+        argv += ["data=text_pairs", f"data.path={w[pairs]}", "data.val_size=8"]
+    return [*argv, *extra]
+
+
+GUIDANCE = [
+    "student.guidance_embedding=true",
+    "student.guidance_scale_range=[1,2]",
+    "student.uncond_label=0",
+]
+TEXT_CASES = [
+    ("embedding_width", ("wide_teacher", "pairs"),
+     ["prompt_embeds have width 12", "cross-attention takes 16"]),
+    ("condition_missing", ("teacher", None),
+     ["teacher is text-conditioned", "no prompt embeddings", "data=text_pairs"]),
+    ("unconditional_teacher", (None, "pairs"),
+     ["prompt embeddings (width 12)", "teacher is not text-conditioned"]),
+    ("pooled_not_taken", ("teacher", "pooled"),
+     ["UNet2DConditionModel takes no pooled embeddings"]),
+    ("guidance_null_label_with_text", ("teacher", "pairs"),
+     ["student.uncond_label=0", "null with data=text_pairs"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "where", "expected"), TEXT_CASES, ids=[c[0] for c in TEXT_CASES])
+def test_text_errors_are_refused_before_work(bad_world, name, where, expected) -> None:
+    """The real `fit` path in-process (validation, data, teacher, checks): a ConfigError naming
+    the problem before the module is built, and no run folder written."""
+    import re
+
+    from scm_lightning.config import ConfigError, compose_config
+    from scm_lightning.training import run
+
+    teacher, pairs = where
+    argv = _fit_argv(bad_world, teacher, pairs, *(GUIDANCE if name.startswith("guid") else []))
+    with pytest.raises(ConfigError, match=".*".join(re.escape(p) for p in expected)):
+        run(compose_config("fit", argv[1:]))
+    assert not (bad_world["base"] / "run").exists()
+
+
+@pytest.mark.slow
+def test_text_errors_exit_2_with_one_line_from_the_cli(bad_world) -> None:
+    """Through the CLI: exit 2, one ``error: ...`` line, no traceback, nothing written (a
+    teacher/data check after loading both, and a config check before Lightning is imported)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [TEXT_CASES[0], TEXT_CASES[-1]]
+
+    def one(case):
+        name, (teacher, pairs), _ = case
+        extra = GUIDANCE if name.startswith("guid") else []
+        return run_cli(*_fit_argv(bad_world, teacher, pairs, *extra), cwd=bad_world["base"])
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, cases))
+    for (name, _, expected), res in zip(cases, results, strict=True):
+        assert res.returncode == 2, (name, res.stderr[-3000:])
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error")]
+        assert len(errors) == 1 and "Traceback" not in res.stderr, (name, res.stderr)
+        for part in expected:
+            assert part in errors[0], (name, part, errors[0])
+    assert not (bad_world["base"] / "run").exists()
+    assert not (bad_world["base"] / "runs").exists()
