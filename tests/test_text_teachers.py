@@ -460,6 +460,15 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
         assert commands.main("sample", argv) == 0
     a, b = (np.load(tmp_path / n / "samples_nfe2_seed0.npz")["samples"] for n in ("ckpt", "folder"))
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # `evaluate` of the export: student on held-out prompts, the teacher guided at s = 1.5
+    # with the null prompt (rebuilt from the run's teacher config and data)
+    argv = [f"ckpt={folder}", f"out={tmp_path / 'eval'}", "num_samples=12", "batch_size=12",
+            "nfes=[1]", "teacher_nfes=[2]", "teacher_grids=[edm]", "guidance=1.5",
+            "kid_subsets=2", "kid_subset_size=6"]  # fmt: skip
+    assert commands.main("evaluate", argv) == 0
+    rows = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["results"]
+    assert {(r["model"], r["nfe"]) for r in rows} == {("student", 1), ("teacher", 2)}
+    assert all(math.isfinite(r["fd"]) for r in rows)
 
     # an export without a text encoder takes embeddings only
     plain = load_pipeline(folder)
