@@ -106,8 +106,8 @@ def guided_F(
     """
     if class_labels is None:
         raise ValueError(
-            "classifier-free guidance needs a condition (class labels (B,) or prompt "
-            "embeddings) for the conditional pass"
+            "classifier-free guidance needs class_labels (B,) or prompt embeddings (a "
+            "TextCondition) for the conditional pass"
         )
     b = x_scaled.shape[0]
     t = torch.as_tensor(t, device=x_scaled.device)
