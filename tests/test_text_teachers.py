@@ -268,6 +268,29 @@ def test_student_equals_teacher_at_init_and_jvp_attention_covers_cross_attention
     torch.testing.assert_close(tangent, fd, rtol=1e-6, atol=1e-6)
 
 
+def test_label_dropout_swaps_in_the_null_prompt(tmp_path: Path) -> None:
+    """`pretrain`'s label dropout on prompt embeddings: each row is either its own prompt or the
+    null prompt (every field), at about the dropout rate; without a null prompt it refuses."""
+    from scm_lightning.modules import DiffusionModule
+    from scm_lightning.teachers.loading import load_teacher
+
+    model = load_teacher(write_sd_teacher(tmp_path / "t"))
+    null = TextCondition(torch.zeros(1, TOKENS, EMBED_DIM), attention_mask=torch.ones(1, TOKENS))
+    module = DiffusionModule(
+        model, (1, 8, 8), lambda p: torch.optim.SGD(p, lr=0.1), label_dropout=0.5,
+        uncond_condition=null,
+    )  # fmt: skip
+    cond = random_condition(64)
+    cond = TextCondition(cond.prompt_embeds, attention_mask=torch.ones(64, TOKENS) * 2)
+    out = module._labels(cond, torch.Generator().manual_seed(0))
+    dropped = (out.prompt_embeds == 0).flatten(1).all(1)
+    kept = (out.prompt_embeds == cond.prompt_embeds).flatten(1).all(1)
+    assert bool((dropped ^ kept).all()) and 16 < int(dropped.sum()) < 48
+    assert bool((out.attention_mask[:, 0] == torch.where(dropped, 1.0, 2.0)).all())
+    with pytest.raises(ValueError, match="needs the null prompt"):
+        DiffusionModule(model, (1, 8, 8), lambda p: torch.optim.SGD(p, lr=0.1), label_dropout=0.5)
+
+
 # --- the data module ---------------------------------------------------------------------
 def test_text_pairs_batches_hold_out_pairs_and_refuse_bad_folders(tmp_path: Path) -> None:
     from safetensors.torch import save_file
