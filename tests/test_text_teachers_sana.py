@@ -84,6 +84,33 @@ def test_masked_cross_attention_jvp_matches_math(dtype, mask_kind):
         _close(a.grad, r.grad, TOL[dtype] * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_jvp_attention_in_half_precision(dtype):
+    """Half inputs with diffusers' -10000 bias (cast to the half dtype): fp32 accumulation keeps
+    output and tangent within half-precision error of the float64 reference."""
+    b, h, lq, lk, d = 2, 2, 17, 23, 16
+    g = torch.Generator().manual_seed(0)
+    p64 = tuple(torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for n in (lq, lk, lk))
+    t64 = tuple(torch.randn_like(p) for p in p64)
+    bias = _masks(b, h, lq, lk, torch.float64)["diffusers_bias"]
+    y, ty = torch.func.jvp(
+        lambda *a: jvp_attention(*a, block_size=8, attn_mask=bias.to(dtype)),
+        tuple(p.to(dtype) for p in p64),
+        tuple(t.to(dtype) for t in t64),
+    )
+    assert y.dtype == ty.dtype == dtype
+    # Reference on the half-rounded inputs, in float64.
+    rounded = tuple(p.to(dtype).double() for p in p64)
+    y_ref, ty_ref = torch.func.jvp(
+        lambda *a: math_attention(*a, bias.to(dtype).double()),
+        rounded,
+        tuple(t.to(dtype).double() for t in t64),
+    )
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (y.double() - y_ref).abs().max() <= tol
+    assert (ty.double() - ty_ref).abs().max() <= tol
+
+
 def test_mask_shape_errors_and_no_mask_tangent():
     q = torch.randn(2, 2, 5, 4, dtype=torch.float64)
     k = torch.randn(2, 2, 7, 4, dtype=torch.float64)
