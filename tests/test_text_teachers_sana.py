@@ -504,6 +504,58 @@ def test_flow_adapter_equals_sana_sprint_conversion_only_for_unit_timesteps(tmp_
     assert (stock(x, t, cond) - sprint_F(stock.net, x, t, cond)).abs().max() > 1e-3
 
 
+def test_stock_sana_sprint_pipeline_samples_as_our_consistency_sampler(tmp_path):
+    """Pipeline level: diffusers' own SanaSprintPipeline (SCMScheduler, its flow conversion,
+    guidance × guidance_embeds_scale) on a Sana with guidance_embeds and unit timesteps equals
+    our consistency sampler on our flow adapter (data_scale = 1/σ_d), 1 and 2 steps, same
+    noise. Sana's native guidance input is switched on for this check only: our CFG students
+    carry the zero-initialised GuidanceEmbedding instead, so they export through pipeline_scm."""
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    from scm_lightning.sampling import consistency_sample
+
+    folder = save_sana_folder(tmp_path / "s", guidance_embeds=True, timestep_scale=1e-3)
+    adapter = _load(folder, data_scale=1 / SIGMA_DATA).float()
+    adapter.net.supports_guidance_input = True  # route guidance= to Sana's guidance embedder
+    pipe = SanaSprintPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=adapter.net,
+        scheduler=SCMScheduler(sigma_data=SIGMA_DATA),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    cond = _condition(dtype=torch.float32)
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    guidance = torch.full((2,), 4.5 * adapter.net.config.guidance_embeds_scale)
+    for times in ([1.5], [1.5, 1.3]):
+        got = pipe(
+            prompt_embeds=cond.prompt_embeds,
+            prompt_attention_mask=cond.attention_mask,
+            num_inference_steps=len(times),
+            max_timesteps=times[0],
+            intermediate_timesteps=times[1] if len(times) == 2 else None,
+            guidance_scale=4.5,
+            latents=eps.clone(),
+            height=256,  # 8×8 latents at the pipeline's default VAE factor 32 (no VAE here)
+            width=256,
+            use_resolution_binning=False,
+            generator=torch.Generator().manual_seed(5),
+            output_type="latent",  # x̂0/σ_d
+        ).images
+        ref = consistency_sample(
+            adapter,
+            SIGMA_DATA * eps,
+            times,
+            SIGMA_DATA,
+            cond,
+            guidance,
+            torch.Generator().manual_seed(5),
+        )
+        torch.testing.assert_close(got, ref / SIGMA_DATA, rtol=0, atol=1e-5)
+        assert ref.abs().max() > 1e-1
+
+
 def test_sana_student_equals_teacher_at_init_and_jvp_attention_is_exact(tmp_path):
     from scm_lightning.student import Student
 
