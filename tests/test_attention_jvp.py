@@ -172,7 +172,7 @@ def test_never_materialises_the_score_matrix():
 def test_bad_arguments_raise():
     (q, k, v), _ = _qkv(8, 8, 4)
     with pytest.raises(ValueError, match="attn_mask"):
-        jvp_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
+        jvp_attention(q, k, v, attn_mask=torch.ones(8, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"dropout_p=0\.1"):
         jvp_attention(q, k, v, dropout_p=0.1)
     with pytest.raises(ValueError, match="is_causal"):
@@ -264,7 +264,7 @@ def test_unet2d_condition_cross_attention_jvp():
 @pytest.mark.parametrize("scale_qk", [True, False])
 def test_processor_reproduces_diffusers_semantics(scale_qk):
     """Group norm, 4-D input, norm_cross, qk-norm, residual, output rescale, both scales."""
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     torch.manual_seed(1)
     attn = Attention(
@@ -295,8 +295,13 @@ def test_processor_reproduces_diffusers_semantics(scale_qk):
     _close(ty, ty_ref, torch.float64)
     assert install_jvp_attention(attn) == 1  # idempotent
     _close(attn(hs, encoder_hidden_states=enc), y_ref, torch.float64)
-    with pytest.raises(ValueError, match="attention masks"):
-        attn(hs, encoder_hidden_states=enc, attention_mask=torch.ones(2, 7, dtype=torch.float64))
+    # A key-padding bias (diffusers' (B, 1, Lk) form) goes into the scores as in SDPA.
+    bias = torch.zeros(2, 1, 7, dtype=torch.float64)
+    bias[0, :, 4:] = -10000.0
+    y_masked = attn(hs, encoder_hidden_states=enc, attention_mask=bias)
+    attn.set_processor(AttnProcessor2_0() if scale_qk else AttnProcessor())
+    with sdpa_kernel(SDPBackend.MATH):
+        _close(y_masked, attn(hs, encoder_hidden_states=enc, attention_mask=bias), torch.float64)
 
 
 def test_install_errors_are_clear():

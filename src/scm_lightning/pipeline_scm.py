@@ -58,7 +58,13 @@ ADAPTER_FORMAT = 2
 ADAPTER_KINDS = ("trigflow", "edm", "vp", "flow", "denoiser")
 SCHEDULE_PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-TIME_EMBEDDING_NAMES = ("time_embedding", "time_mlp")
+# = teachers.guidance.TIME_EMBEDDING_NAMES (UNets, TrigFlowUNet, Sana, SD3): submodule paths.
+TIME_EMBEDDING_NAMES = (
+    "time_embedding",
+    "time_mlp",
+    "time_embed.emb.timestep_embedder",
+    "time_text_embed",
+)
 SIGMA_MIN_EDM, SIGMA_MAX_EDM, RHO_EDM = 0.002, 80.0, 7.0  # EDM grid (Karras et al. 2022)
 EDM_SIGMA_FLOOR = 1e-20  # ln σ for σ >= this, so t = 0 stays finite (teachers/edm.py)
 DEFAULT_T_MID = 1.1  # the paper's 2-step intermediate time
@@ -268,7 +274,8 @@ class SCMGuidanceEmbedding(ModelMixin, ConfigMixin):
 
     def attach(self, net: nn.Module, scale: Tensor) -> Any:
         """Add ``self(scale)`` to ``net``'s time embedding until the returned handle is removed."""
-        emb = next((getattr(net, n) for n in TIME_EMBEDDING_NAMES if hasattr(net, n)), None)
+        modules = dict(net.named_modules())
+        emb = next((modules[n] for n in TIME_EMBEDDING_NAMES if n in modules), None)
         if not isinstance(emb, nn.Module):
             raise ValueError(f"{type(net).__name__} has no time embedding for the guidance input")
         return emb.register_forward_hook(lambda m, i, out: out + self(scale).to(out.dtype))

@@ -2,13 +2,18 @@
 
 Fused SDPA kernels (flash, memory-efficient, cuDNN, CPU flash) have no forward-AD formula,
 and the MATH backend materialises the Lq×Lk score matrix, its softmax and both tangents.
-:func:`jvp_attention` is a drop-in for ``F.scaled_dot_product_attention`` (no mask, no
-dropout) that
+:func:`jvp_attention` is a drop-in for ``F.scaled_dot_product_attention`` (no dropout,
+no causal flag) that
 
 * runs the fused SDPA kernel for the primal output (plain forward, and the primal of a JVP),
 * computes the output tangent over (query block × key block) tiles with online-softmax
   statistics, so memory is O(block_q·block_k) per (batch, head) instead of O(Lq·Lk),
 * recomputes the normal SDPA gradient in ``backward``.
+
+An optional ``attn_mask`` (bool, True = attend, or an additive float bias, broadcastable to
+(B, H, Lq, Lk), as in SDPA) covers cross-attention key padding (diffusers'
+``encoder_attention_mask``); the mask is data, so it carries no tangent. A query row whose
+keys are all masked gives NaN, as softmax does.
 
 Works under ``torch.func.jvp``, ``torch.autograd.forward_ad`` and ordinary backprop. The
 tangent it returns is not itself differentiable (torch detaches the primals that an
@@ -30,6 +35,7 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "attention_with_tangent",
     "jvp_attention",
+    "mask_to_bias",
 ]
 
 # (query block, key block). Measured on a 2-core CPU (benchmarks/attention_jvp.py): large
@@ -88,6 +94,7 @@ def _tiled_tangent(
     scale: float,
     block_size: tuple[int, int],
     y: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One blockwise pass over (query block, key block) tiles; returns (y, t_y), both 4-D.
 
@@ -96,11 +103,14 @@ def _tiled_tangent(
     accumulator for a + g = Σe^{x−m}·t_v + Σ(e^{x−m}⊙t_x)v (the finish divides both by ℓ,
     so they are summed in place). Every merge rescales by e^{m_old−m_new}.
 
+    ``bias`` (4-D, broadcastable to (B, H, Lq, Lk), −inf = masked) is added to each score
+    tile; a tile row with every key masked contributes nothing (its max is treated as 0).
+
     Autocast is switched off here: the loop picks its own accumulation dtype, and autocast
     would run the score/product matmuls in bf16/fp16 against the fp32 accumulators.
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return _tiled_tangent_loop(q, k, v, tq, tk, tv, scale, block_size, y)
+        return _tiled_tangent_loop(q, k, v, tq, tk, tv, scale, block_size, y, bias)
 
 
 def _tiled_tangent_loop(
@@ -113,6 +123,7 @@ def _tiled_tangent_loop(
     scale: float,
     block_size: tuple[int, int],
     y: Tensor | None,
+    bias: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     B, H, Lq = q.shape[:3]
     Lk, Dv = k.shape[-2], v.shape[-1]
@@ -139,6 +150,8 @@ def _tiled_tangent_loop(
         qx, kx = qs, flat(tk)
     tv3 = flat(tv) if tv is not None else None
     y3 = flat(y) if y is not None else None
+    # A broadcast view (B, H, Lq, Lk) of the bias: tiles are cut from it, never the whole.
+    bias4 = bias.to(acc).expand(B, H, Lq, Lk) if bias is not None else None
 
     y_out = torch.empty(N, Lq, Dv, dtype=acc, device=q.device) if y is None else None
     ty_out = torch.empty(N, Lq, Dv, dtype=acc, device=q.device)
@@ -151,13 +164,16 @@ def _tiled_tangent_loop(
             j1 = min(j0 + bk, Lk)
             v_blk = v3[:, j0:j1]
             p = torch.bmm(q_blk, k3[:, j0:j1].transpose(1, 2))  # scores x, (N, bq, bk)
+            if bias4 is not None:
+                p.add_(bias4[:, :, i0:i1, j0:j1].reshape(N, i1 - i0, j1 - j0))
             m_blk = p.amax(dim=-1, keepdim=True)
-            if m is None:  # first key block: nothing to rescale
-                m_new, alpha = m_blk, None
-            else:
-                m_new = torch.maximum(m, m_blk)
-                alpha = torch.exp(m - m_new)  # e^{m_old − m_new}
-            p.sub_(m_new).exp_()  # e^{x − m}
+            m_new = m_blk if m is None else torch.maximum(m, m_blk)
+            # Rows with every key masked so far have max −inf: shift them by 0 instead
+            # (e^{−inf−0} = 0), so no −inf − (−inf) = NaN appears.
+            m_exp = m_new if bias4 is None else m_new.masked_fill(m_new == -math.inf, 0.0)
+            # e^{m_old − m_new}; none for the first key block (nothing to rescale).
+            alpha = None if m is None else torch.exp(m - m_exp)
+            p.sub_(m_exp).exp_()  # e^{x − m}
             if alpha is None:
                 ell = p.sum(dim=-1, keepdim=True)
                 ag = torch.zeros(N, i1 - i0, Dv, dtype=acc, device=q.device)
@@ -196,24 +212,59 @@ def attention_with_tangent(
     tv: Tensor | None = None,
     scale: float | None = None,
     block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention output and its tangent in one blockwise pass (spec §6), no autograd.
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); tangents have the shapes of their
-    primals, ``None`` meaning zero. ``scale`` defaults to 1/√D. Returns (y, t_y), each
+    primals, ``None`` meaning zero. ``scale`` defaults to 1/√D. ``attn_mask``: bool (True =
+    attend) or additive float, broadcastable to (B, H, Lq, Lk). Returns (y, t_y), each
     (B, H, Lq, Dv) in the input dtype (accumulated in fp32 for fp16/bf16). Uses the Triton
-    kernel for CUDA tensors when triton is importable, else the tiled torch loop.
+    kernel for CUDA tensors when triton is importable (masks: key padding only, one bias per
+    key), else the tiled torch loop.
     """
     _check_qkv(q, k, v)
     for name, t, like in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         _check_tangent(name, t, like)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bs = _block_sizes(block_size)
-    if _triton_ok(q):
+    bias = mask_to_bias(attn_mask, q, k)
+    if _is_key_bias(bias) and _triton_ok(q):
         from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
-        return triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=scale)
-    return _tiled_tangent(q, k, v, tq, tk, tv, scale, bs)
+        return triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=scale, bias=bias)
+    return _tiled_tangent(q, k, v, tq, tk, tv, scale, bs, bias=bias)
+
+
+def mask_to_bias(attn_mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
+    """SDPA's ``attn_mask`` as a 4-D additive bias in q's dtype (bool: True → 0, False → −inf).
+
+    Accepts any shape broadcastable to (B, H, Lq, Lk) and returns a view of at most that size
+    (a (B, 1, 1, Lk) key-padding mask stays that small). Raises ValueError otherwise.
+    """
+    if attn_mask is None:
+        return None
+    B, H, Lq = q.shape[:3]
+    target = (B, H, Lq, k.shape[-2])
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to {target}, got {tuple(attn_mask.shape)}")
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Lq, Lk) = "
+            f"{target}"
+        )
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        return zero.masked_fill(~mask, -math.inf)
+    if not mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool or floating, got {mask.dtype}")
+    return mask.to(q.dtype)
+
+
+def _is_key_bias(bias: Tensor | None) -> bool:
+    """True for no bias or a bias constant along the query axis (key padding)."""
+    return bias is None or bias.shape[-2] == 1
 
 
 def _triton_ok(q: Tensor) -> bool:
@@ -245,51 +296,79 @@ class _JVPAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        q: Tensor, k: Tensor, v: Tensor, scale: float, block_size: tuple[int, int]
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        scale: float,
+        block_size: tuple[int, int],
     ) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        q, k, v, scale, block_size = inputs
+        q, k, v, bias, scale, block_size = inputs
         ctx.scale, ctx.block_size = scale, block_size
+        ctx.has_bias = bias is not None
         # None tangents / grads instead of materialised zeros: skips whole matmuls.
         ctx.set_materialize_grads(False)
-        ctx.save_for_forward(q, k, v, output)
-        ctx.save_for_backward(q, k, v)
+        extra = (bias,) if bias is not None else ()
+        ctx.save_for_forward(q, k, v, output, *extra)
+        ctx.save_for_backward(q, k, v, *extra)
 
     @staticmethod
-    def jvp(ctx: Any, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, *_: Any) -> Tensor:
+    def jvp(
+        ctx: Any,
+        tq: Tensor | None,
+        tk: Tensor | None,
+        tv: Tensor | None,
+        tbias: Tensor | None,
+        *_: Any,
+    ) -> Tensor:
+        if tbias is not None:
+            raise NotImplementedError(
+                "jvp_attention: the attention mask carries no tangent (masks are data); "
+                "detach it or build it from non-dual tensors"
+            )
         saved = ctx.saved_tensors
+        bias = _unwrap_functorch(saved[4]) if ctx.has_bias else None
         if tq is None and tk is None and tv is None:
             return torch.zeros_like(saved[3])
-        q, k, v, y, tq, tk, tv = (_unwrap_functorch(t) for t in (*saved, tq, tk, tv))
+        q, k, v, y, tq, tk, tv = (_unwrap_functorch(t) for t in (*saved[:4], tq, tk, tv))
         # Under autocast a tangent may come in wider than its primal (fp32 tangent of a bf16
         # q): the rule works in the primals' dtype.
         tq, tk, tv = (None if t is None else t.to(q.dtype) for t in (tq, tk, tv))
         with torch._C._DisableFuncTorch(), torch.autocast(q.device.type, enabled=False):
-            if _triton_ok(q):
+            if _is_key_bias(bias) and _triton_ok(q):
                 from scm_lightning.jvp.triton_attention import triton_attention_with_tangent
 
-                ty = triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=ctx.scale)[1]
+                ty = triton_attention_with_tangent(q, k, v, tq, tk, tv, scale=ctx.scale, bias=bias)[
+                    1
+                ]
             else:
                 # The primal y from the fused forward stands in for f/ℓ: one block matmul fewer.
-                ty = _tiled_tangent(q, k, v, tq, tk, tv, ctx.scale, ctx.block_size, y=y)[1]
+                ty = _tiled_tangent(q, k, v, tq, tk, tv, ctx.scale, ctx.block_size, y=y, bias=bias)[
+                    1
+                ]
         # fp32 q, k, v under autocast give a bf16/fp16 y: the tangent follows its primal.
         return ty.to(y.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor | None) -> tuple[Tensor | None, ...]:
         if grad_out is None:
-            return None, None, None, None, None
-        q, k, v = ctx.saved_tensors
+            return None, None, None, None, None, None
+        q, k, v = ctx.saved_tensors[:3]
+        bias = ctx.saved_tensors[3] if ctx.has_bias else None
         needs = ctx.needs_input_grad[:3]
+        if not any(needs):  # only the mask asked for a gradient: it is data (None)
+            return None, None, None, None, None, None
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs, strict=True)]
-            y = F.scaled_dot_product_attention(*leaves, scale=ctx.scale)
+            mask = None if bias is None else bias.detach()
+            y = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=ctx.scale)
             wrt = [t for t in leaves if t.requires_grad]
             grads = iter(torch.autograd.grad(y, wrt, grad_out))
-        return *(next(grads) if n else None for n in needs), None, None
+        return *(next(grads) if n else None for n in needs), None, None, None
 
 
 def jvp_attention(
@@ -307,14 +386,15 @@ def jvp_attention(
 
     q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv); Lq ≠ Lk allowed.
     ``scale`` defaults to 1/√D (as in SDPA). ``block_size`` is the (query, key) tile of the
-    torch tangent loop. Masks, dropout and causal attention are not supported and raise.
+    torch tangent loop. ``attn_mask`` as in SDPA: bool (True = attend) or an additive float
+    bias, broadcastable to (B, H, Lq, Lk), without a tangent. Dropout and causal attention
+    are not supported and raise.
     """
-    if attn_mask is not None:
-        raise ValueError("jvp_attention does not support attn_mask (got a tensor); pass None")
     if dropout_p != 0.0:
         raise ValueError(f"jvp_attention does not support dropout; got dropout_p={dropout_p}")
     if is_causal:
         raise ValueError("jvp_attention does not support is_causal=True")
     _check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _JVPAttention.apply(q, k, v, scale, _block_sizes(block_size))
+    bias = mask_to_bias(attn_mask, q, k)
+    return _JVPAttention.apply(q, k, v, bias, scale, _block_sizes(block_size))

@@ -51,6 +51,7 @@ if _HAVE_TRITON:
         TQ,
         TK,
         TV,
+        BIAS,
         Y,
         TY,
         scale,
@@ -65,6 +66,7 @@ if _HAVE_TRITON:
         HAS_TQ: tl.constexpr,
         HAS_TK: tl.constexpr,
         HAS_TV: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -96,10 +98,14 @@ if _HAVE_TRITON:
             k = tl.load(K + k_off, mask=k_msk, other=0.0).to(tl.float32)
             v = tl.load(V + v_off, mask=v_msk, other=0.0).to(tl.float32)
             x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if HAS_BIAS:  # key-padding bias, one value per (batch·head, key); −inf = masked
+                x += tl.load(BIAS + bh * Lk + cols, mask=col_ok, other=0.0)[None, :]
             x = tl.where(col_ok[None, :], x, float("-inf"))  # padded keys get weight 0
             m_new = tl.maximum(m_i, tl.max(x, 1))
-            alpha = tl.exp(m_i - m_new)  # e^{m_old − m_new}
-            p = tl.exp(x - m_new[:, None])
+            # Rows masked so far (max −inf, only with a bias) shift by 0: no −inf − (−inf).
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_exp)  # e^{m_old − m_new}
+            p = tl.exp(x - m_exp[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             f = f * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             ag = ag * alpha[:, None]
@@ -147,10 +153,14 @@ def triton_attention_with_tangent(
     scale: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y, t_y) for q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); tangents may be None.
 
-    Same contract as ``attention_with_tangent``; outputs are (B, H, Lq, Dv) in q's dtype.
+    ``bias``: an additive key-padding bias broadcastable to (B, H, 1, Lk) (−inf = masked;
+    ``attention.mask_to_bias`` builds it from SDPA masks); per-query masks are not handled
+    here (the torch loop takes them). Same contract as ``attention_with_tangent``; outputs
+    are (B, H, Lq, Dv) in q's dtype.
     fp32 inputs use IEEE dots (no TF32), so fp32 tangents match the torch path; fp16/bf16
     inputs use TF32 dots on a GPU, all accumulated in fp32.
     """
@@ -173,6 +183,13 @@ def triton_attention_with_tangent(
     # Contiguous (B·H, L, d) layout: the kernel's offsets assume it (O(L·d) copy at most).
     q, k, v = (t.contiguous() for t in (q, k, v))
     tq, tk, tv = (None if t is None else t.to(q.dtype).contiguous() for t in (tq, tk, tv))
+    if bias is not None:
+        if bias.dim() != 4 or bias.shape[-2] != 1:
+            raise ValueError(
+                f"bias must be (B|1, H|1, 1, Lk) key padding; got shape {tuple(bias.shape)}"
+            )
+        # (B·H, Lk) fp32: O(B·H·Lk), never Lq×Lk.
+        bias = bias.to(torch.float32).expand(B, H, 1, Lk).reshape(B * H, Lk).contiguous()
     y = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     ty = torch.empty_like(y)
     grid = (triton.cdiv(Lq, block_m), B * H)
@@ -183,6 +200,7 @@ def triton_attention_with_tangent(
         q if tq is None else tq,
         k if tk is None else tk,
         v if tv is None else tv,
+        q if bias is None else bias,
         y,
         ty,
         scale,
@@ -197,6 +215,7 @@ def triton_attention_with_tangent(
         HAS_TQ=tq is not None,
         HAS_TK=tk is not None,
         HAS_TV=tv is not None,
+        HAS_BIAS=bias is not None,
         PRECISION=_precision(q.dtype),
     )
     return y, ty

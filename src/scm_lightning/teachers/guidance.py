@@ -25,7 +25,23 @@ from scm_lightning.teachers.conditioning import (
     repeat_condition,
 )
 
-TIME_EMBEDDING_NAMES = ("time_embedding", "time_mlp")
+# The (B, D) time embedding a guidance embedding is added to. diffusers UNets:
+# `time_embedding`; TrigFlowUNet: `time_mlp`; Sana (AdaLayerNormSingle): its timestep
+# embedder, which feeds both the block modulation and the output norm (as Sana-Sprint's
+# guidance embedder does); SD3: `time_text_embed` (timestep + pooled text conditioning).
+TIME_EMBEDDING_NAMES = (
+    "time_embedding",
+    "time_mlp",
+    "time_embed.emb.timestep_embedder",
+    "time_text_embed",
+)
+
+
+def _submodule(net: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class GuidedTeacher(TrigFlowModel):
@@ -196,13 +212,8 @@ def attach_guidance_embedding(
         raise ValueError(f"{type(model.net).__name__} takes guidance natively; nothing to attach")
     if model.guidance_embedding is not None:
         raise ValueError("a guidance embedding is already attached")
-    # diffusers UNets: `time_embedding`; TrigFlowUNet: `time_mlp`.
     time_embedding = next(
-        (
-            m
-            for n in TIME_EMBEDDING_NAMES
-            if isinstance(m := getattr(model.net, n, None), nn.Module)
-        ),
+        (m for n in TIME_EMBEDDING_NAMES if isinstance(m := _submodule(model.net, n), nn.Module)),
         None,
     )
     if time_embedding is None:

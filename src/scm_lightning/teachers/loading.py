@@ -256,7 +256,12 @@ def load_teacher(
     else:
         sd = DEFAULT_SIGMA_DATA if sigma_data is None else sigma_data
         if kind == "flow":
-            schedule = FlowSchedule(scheduler.config.get("num_train_timesteps", 1000))
+            # The net's timestep is s·num_train_timesteps·timestep_scale, as SanaPipeline feeds
+            # it (Sana's config key; 1 for other nets).
+            timestep_scale = float(model_config.get("timestep_scale", 1.0))
+            schedule = FlowSchedule(
+                scheduler.config.get("num_train_timesteps", 1000) * timestep_scale
+            )
             pred = "flow" if pred in (None, "epsilon") and prediction_type is None else pred
         else:
             if not hasattr(scheduler, "alphas_cumprod"):
