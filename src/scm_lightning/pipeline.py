@@ -28,8 +28,14 @@ LEGACY_ADAPTER_JSON = "adapter.json"  # format 1 folders (adapter beside, not in
 LEGACY_ADAPTER_TENSORS = "adapter.safetensors"
 
 
-def pipeline_from_adapter(adapter: NetAdapter, **extra: Any) -> SCMPipeline:
-    """An :class:`SCMPipeline` around ``adapter.net`` (shared, not copied).
+def pipeline_from_adapter(
+    adapter: NetAdapter,
+    vae: nn.Module | None = None,
+    latent_statistics: dict[str, Any] | None = None,
+    **extra: Any,
+) -> SCMPipeline:
+    """An :class:`SCMPipeline` around ``adapter.net`` (shared, not copied); a latent model's
+    ``vae`` and ``latent_statistics`` (``{"mean": [μ_c], "std": [s_c]}``) join it.
 
     ``extra`` (model type, image shape, ``t_max``, ``t_mid``, EMA profile, step, ...) joins the
     adapter description; ``t_max``/``t_mid`` also become the scheduler's ``max_timesteps`` /
@@ -46,7 +52,14 @@ def pipeline_from_adapter(adapter: NetAdapter, **extra: Any) -> SCMPipeline:
         emb = SCMGuidanceEmbedding(spec["embed_dim"], spec["num_channels"], spec["input_scale"])
         emb.linear.load_state_dict(own.linear.state_dict())
         emb.linear.to(own.linear.weight.device, own.linear.weight.dtype)
-    return SCMPipeline(unet=adapter.net, scheduler=scheduler, guidance_embedding=emb, adapter=desc)
+    return SCMPipeline(
+        unet=adapter.net,
+        scheduler=scheduler,
+        guidance_embedding=emb,
+        adapter=desc,
+        vae=vae,
+        latent_statistics=latent_statistics,
+    )
 
 
 def standalone_source(module: Any) -> str:
@@ -165,7 +178,19 @@ def load_pipeline(folder: str | Path) -> SCMPipeline:
     emb = None
     if desc.get("guidance") == "embedding":
         emb = SCMGuidanceEmbedding.from_pretrained(folder / "guidance_embedding", **kwargs)
-    return SCMPipeline(unet=unet, scheduler=scheduler, guidance_embedding=emb, adapter=desc)
+    vae, latent_statistics = None, index.get("latent_statistics")
+    if (index.get("vae") or [None])[0] is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **kwargs).eval()
+    return SCMPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        guidance_embedding=emb,
+        adapter=desc,
+        vae=vae,
+        latent_statistics=latent_statistics,
+    )
 
 
 def pipeline_adapter(pipe: SCMPipeline) -> NetAdapter:

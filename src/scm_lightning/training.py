@@ -41,7 +41,19 @@ JVP_PRECISION = {
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return instantiate(cfg.data)
+    """``cfg.data``; with ``data.latent`` its images seen through the VAE, standardised to the
+    run's σ_d (``loss.sigma_data`` for fit, ``sigma_data`` for pretrain)."""
+    latent = cfg.data.get("latent")
+    if not latent:
+        return instantiate({k: v for k, v in cfg.data.items() if k != "latent"})
+    from scm_lightning.data.latent import LatentDataModule
+
+    images = instantiate({k: v for k, v in cfg.data.items() if k != "latent"})
+    sigma_data = cfg.loss.sigma_data if cfg.task == "fit" else cfg.sigma_data
+    try:
+        return LatentDataModule(images, str(latent.vae), float(sigma_data), latent.get("cache_dir"))
+    except ValueError as err:  # the VAE folder or its shapes: before any work
+        raise ConfigError(str(err)) from None
 
 
 def build_teacher(teacher_cfg: DictConfig) -> TrigFlowModel:
@@ -62,7 +74,13 @@ def check_model_matches_data(model: TrigFlowModel, dm: L.LightningDataModule, wh
     try:
         check_teacher_matches_data(model, dm.channels, dm.resolution, dm.num_classes)
     except ValueError as err:
-        raise ConfigError(f"{what} and data disagree: {err}") from None
+        vae = getattr(dm, "vae_path", None)
+        via = (
+            f" (data.latent.vae={vae!r} gives {dm.channels}×{dm.resolution}² latents)"
+            if vae
+            else ""
+        )
+        raise ConfigError(f"{what} and data disagree: {err}{via}") from None
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -149,7 +167,7 @@ def build_distillation(
     teacher = build_teacher(cfg.teacher) if teacher is None else teacher
     check_model_matches_data(teacher, dm, "teacher")
     loss = cfg.loss
-    return DistillationModule(
+    module = DistillationModule(
         teacher=teacher,
         image_shape=image_shape(dm),
         optimizer=instantiate(cfg.optim, _convert_="all"),
@@ -178,6 +196,8 @@ def build_distillation(
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
     )
+    module.latent_codec = getattr(dm, "codec", None)  # samples decode through it (data.latent)
+    return module
 
 
 def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
@@ -190,7 +210,7 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
 
         model = TrigFlowNative(instantiate(cfg.net, _convert_="all"), sigma_data=cfg.sigma_data)
     check_model_matches_data(model, dm, "net")
-    return DiffusionModule(
+    module = DiffusionModule(
         model=model,
         image_shape=image_shape(dm),
         optimizer=instantiate(cfg.optim, _convert_="all"),
@@ -201,6 +221,8 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
     )
+    module.latent_codec = getattr(dm, "codec", None)
+    return module
 
 
 class TrainingStarted(L.Callback):
