@@ -260,7 +260,8 @@ def test_cli_fit_debug_latent_experiment(tmp_path) -> None:
     for key in ("fd_teacher_nfe35", "fd_teacher_nfe2", "fd_student_nfe1", "fd_student_nfe2"):
         assert math.isfinite(results[key]), results
     with Image.open(run / "samples" / "samples_final_nfe1.png") as grid:
-        assert grid.size[0] % 32 in (0, 2, 4) and grid.size[0] >= 32  # 32-px tiles (+ padding)
+        # 4 decoded 1×32×32 images, 2 per row, 1 px padding, ×4 (latents: 4 channels, 8 px)
+        assert grid.mode == "L" and grid.size == (4 * (2 * 33 + 1), 4 * (2 * 33 + 1))
 
 
 # --- errors before any work ---------------------------------------------------------------------

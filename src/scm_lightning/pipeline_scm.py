@@ -246,7 +246,7 @@ class SCMPipeline(DiffusionPipeline):
     ``model_index.json``, module doc) says how ``unet`` gives F.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
     _optional_components: ClassVar[list[str]] = ["guidance_embedding", "vae"]
 
     def __init__(
