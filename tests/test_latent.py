@@ -243,6 +243,35 @@ def test_latent_fit_checkpoint_export_diffusers_load_matches_sampler(latent_worl
         assert scored["folder"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
 
 
+# --- the bundled latent teacher and its VAE ----------------------------------------------------
+def test_bundled_latent_teacher_carries_the_statistics_of_its_data() -> None:
+    """The bundled teacher folder (a `pretrain` export) holds the bundled VAE and the
+    per-channel statistics of the digits' latents; recomputed here from the data (float64,
+    independent of the package's encoder path) they agree, and the teacher takes the
+    VAE's latents."""
+    from diffusers import AutoencoderKL
+
+    from scm_lightning.assets import asset_path
+    from scm_lightning.data.digits import load_digits_tensors
+
+    folder = asset_path("digits_latent_teacher")
+    index = json.loads((folder / "model_index.json").read_text())
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = AutoencoderKL.from_pretrained(asset_path("digits_vae")).eval()
+    assert unet["in_channels"] == vae.config.latent_channels == 4
+    assert vae_fingerprint(folder / "vae") == vae_fingerprint(asset_path("digits_vae"))
+    images, _ = load_digits_tensors(32, "bilinear")
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(x).latent_dist.mean for x in images.split(600)]).double()
+    flat = raw.transpose(0, 1).reshape(4, -1)
+    stats = index["latent_statistics"]
+    mean = torch.tensor(stats["mean"], dtype=torch.float64)
+    std = torch.tensor(stats["std"], dtype=torch.float64)
+    torch.testing.assert_close(mean, flat.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(std, flat.std(1, unbiased=False), rtol=1e-5, atol=0)
+    assert unet["sample_size"] == raw.shape[-1] == 8
+
+
 # --- end to end from the CLI ------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_fit_debug_latent_experiment(tmp_path) -> None:
