@@ -50,7 +50,6 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 
-
 def positional_embedding(x: Tensor, num_channels: int, max_positions: float = 10000.0) -> Tensor:
     """Sinusoidal positional embedding of a scalar per sample, ``(B,) -> (B, num_channels)``.
 
