@@ -483,7 +483,8 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 f"guidance={opts['guidance']} given but the student has no guidance input"
             )
-        teacher_sample = _teacher_sampler(module, cfg, device) if teacher_nfes else None
+        decode = pipe.decode_latents if pipe is not None else None
+        teacher_sample = _teacher_sampler(module, cfg, device, decode) if teacher_nfes else None
         for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
             for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
                 score(
@@ -573,7 +574,8 @@ def _folder_run_config(folder: Path) -> Any:
 
 
 def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., Tensor]:
-    """``sampler(n, generator, labels)`` of an exported pipeline, as `sample` draws."""
+    """``sampler(n, generator, labels)`` of an exported pipeline, as `sample` draws (images:
+    a latent model's samples are decoded by its vae)."""
 
     from scm_lightning.teachers.conditioning import TextCondition
 
@@ -585,7 +587,7 @@ def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., 
                 "pooled_prompt_embeds": lab.pooled_prompt_embeds,
                 "prompt_attention_mask": lab.attention_mask,
             }
-        return pipe(
+        samples = pipe(
             n,
             nfe,
             timesteps=opts.get("times"),
@@ -595,13 +597,17 @@ def _folder_sampler(pipe: Any, opts: dict[str, Any], nfe: int) -> Callable[..., 
             output_type="latent",
             **cond,
         ).images
+        return pipe.decode_latents(samples)
 
     return sampler
 
 
-def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..., Tensor]:
+def _teacher_sampler(
+    module: Any, cfg: Any, device: torch.device, decode: Callable[[Tensor], Tensor] | None = None
+) -> Callable[..., Tensor]:
     """``sample(n, nfe, generator, labels, grid, guidance)``: the run's teacher on the PF-ODE
-    (rebuilt from its config when ``module`` is None, i.e. for an exported folder)."""
+    (rebuilt from its config when ``module`` is None, i.e. for an exported folder, whose
+    ``decode`` turns a latent teacher's samples into images)."""
     if module is not None:
         return lambda n, nfe, g, lab, grid, guidance: module.teacher_sample(
             n, nfe=nfe, generator=g, class_labels=lab, grid=grid, guidance=guidance
@@ -626,9 +632,10 @@ def _teacher_sampler(module: Any, cfg: Any, device: torch.device) -> Callable[..
                 teacher, s, null if null is not None else int(cfg.student.uncond_label)
             )
         noise = sd * torch.randn((n, *shape), generator=g, device=device)  # = module.noise
-        return sampling.teacher_sample(
+        samples = sampling.teacher_sample(
             model, noise, sd, nfe, lab, grid=grid, t_mid=float(cfg.loss.t_mid)
         )
+        return samples if decode is None else decode(samples)
 
     return sample
 

@@ -562,6 +562,8 @@ def _validate_data(cfg: DictConfig) -> None:
         if not root.is_dir():
             what = "is not a directory" if root.exists() else "does not exist"
             raise ConfigError(f"data.root={str(root)!r} {what}: expected a folder of images")
+    if data.get("latent") is not None:
+        _validate_latent(cfg)
     if _text_pairs(cfg):  # a folder of shards
         path = Path(str(_get(cfg, "data.path"))).expanduser()
         if not (path.is_dir() and any(path.glob("*.safetensors"))):
@@ -577,6 +579,37 @@ def _validate_data(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"data.path={str(path)!r} {what}: expected a .npz/.npy/.safetensors/.pt file"
             )
+
+
+LATENT_KEYS = {"vae", "cache_dir"}
+
+
+def _validate_latent(cfg: DictConfig) -> None:
+    """``data.latent``: a mapping with ``vae`` (an AutoencoderKL folder) and ``cache_dir``."""
+    latent = _get(cfg, "data.latent")
+    _check(
+        isinstance(latent, DictConfig) and "vae" in latent,
+        "data.latent",
+        latent,
+        "null or {vae: <diffusers AutoencoderKL folder>, cache_dir: <folder or null>}",
+    )
+    unknown = sorted(set(latent.keys()) - LATENT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key data.latent.{unknown[0]}: it accepts {sorted(LATENT_KEYS)}")
+    vae = Path(str(_get(cfg, "data.latent.vae"))).expanduser()
+    if not (vae / "config.json").is_file():
+        what = "does not exist" if not vae.exists() else "has no config.json"
+        raise ConfigError(
+            f"data.latent.vae={str(vae)!r} {what}: expected a diffusers AutoencoderKL folder "
+            "(config.json + diffusion_pytorch_model.safetensors)"
+        )
+    flip = cfg.data.get("flip", False)
+    _check(
+        not flip,
+        "data.flip",
+        flip,
+        "false with data.latent (a mirrored latent is not the latent of the mirrored image)",
+    )
 
 
 def _validate_ckpt_path(cfg: DictConfig) -> None:

@@ -186,6 +186,9 @@ def final_quality(cfg: DictConfig, module: Any, dm: Any, trainer: Any) -> dict[s
             "seed": seed,
             "torch": torch.__version__,
         }
+        codec = getattr(module, "latent_codec", None)
+        if codec is not None:  # decoded images: the VAE and the latent statistics count too
+            teacher_key["latent"] = [codec.fingerprint, codec.statistics()]
     if teacher_key and prompts is not None:  # text: held-out and null prompts from the data
         teacher_key["prompts"] = dm.config_key()
     for nfe in teacher_nfes:

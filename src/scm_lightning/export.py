@@ -9,8 +9,9 @@ module is :func:`scm_lightning.restore.rebuild_module` (above the training build
   ``unet/`` (the raw network's ``save_pretrained``), ``scheduler/`` (``SCMScheduler``,
   ``prediction_type="trigflow"``, ``sigma_data``, ``max_timesteps``, ``intermediate_timesteps``),
   ``model_index.json`` (with the adapter description) and the self-contained
-  ``pipeline_scm.py`` that diffusers' own loader runs. ``teachers.loading.load_teacher`` reads
-  the same folder as a teacher (with its adapter).
+  ``pipeline_scm.py`` that diffusers' own loader runs; a latent model (``data.latent``) adds
+  ``vae/`` and its per-channel ``latent_statistics``, so the pipeline returns images.
+  ``teachers.loading.load_teacher`` reads the same folder as a teacher (with its adapter).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def export_module(module: nn.Module, out: str | Path, **extra: Any) -> Path:
     # A text-conditioned student takes prompts when its teacher folder held a text encoder.
     teacher_path = ((getattr(module, "run_config", None) or {}).get("teacher") or {}).get("path")
     text = load_text_components(teacher_path) if adapter.text_embed_dim is not None else {}
+    codec = getattr(module, "latent_codec", None)  # a latent model: its VAE and statistics
+    if codec is not None:
+        extra.update(vae=codec.vae, latent_statistics=codec.statistics())
     was_training = module.training
     module.eval()
     try:

@@ -77,6 +77,15 @@ class _TrigFlowModule(L.LightningModule):
         # The resolved run config (a plain dict) travels in every checkpoint so that
         # `sample`, `evaluate`, `export` and a resume can rebuild the module from it alone.
         self.run_config: dict[str, Any] | None = None
+        # data.latent: the VAE and per-channel latent statistics (latents.LatentCodec); its
+        # statistics buffers travel in checkpoints. None: the model works on pixels.
+        self.latent_codec: nn.Module | None = None
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Samples -> images: the one hook every image-producing path (sample grids, FID, the
+        final evaluation, ``sample``/``evaluate``) goes through via :meth:`sample`. Latents
+        are decoded by the VAE; pixel samples pass unchanged."""
+        return samples if self.latent_codec is None else self.latent_codec.decode(samples)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -469,7 +478,8 @@ class DistillationModule(_TrigFlowModule):
         guidance: float | None = None,
         times: Sequence[float] | None = None,
     ) -> Tensor:
-        """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights.
+        """Consistency samples ``(N, C, H, W)`` in data units from the student's current weights
+        (decoded to images for a latent model, :meth:`decode`).
 
         A guidance-conditioned student samples at ``guidance`` (s), by default
         ``eval_guidance``; ``class_labels`` ``(N,)`` for a class-conditional one.
@@ -484,14 +494,16 @@ class DistillationModule(_TrigFlowModule):
         if guidance is not None:
             g = torch.full((num_samples,), float(guidance), device=self.device)
         with self.student_in_eval():
-            return sampling.consistency_sample(
-                self.student,
-                self.noise(num_samples, generator),
-                times,
-                sd,
-                class_labels=class_labels,
-                guidance=g,
-                generator=generator,
+            return self.decode(
+                sampling.consistency_sample(
+                    self.student,
+                    self.noise(num_samples, generator),
+                    times,
+                    sd,
+                    class_labels=class_labels,
+                    guidance=g,
+                    generator=generator,
+                )
             )
 
     @torch.no_grad()
@@ -518,14 +530,16 @@ class DistillationModule(_TrigFlowModule):
                 from scm_lightning.teachers.guidance import GuidedTeacher
 
                 teacher = GuidedTeacher(self.teacher, s, self.null_condition)
-        return sampling.teacher_sample(
-            teacher,
-            self.noise(num_samples, generator),
-            self.teacher.sigma_data,
-            nfe,
-            class_labels,
-            grid=grid,
-            t_mid=self.t_mid,
+        return self.decode(
+            sampling.teacher_sample(
+                teacher,
+                self.noise(num_samples, generator),
+                self.teacher.sigma_data,
+                nfe,
+                class_labels,
+                grid=grid,
+                t_mid=self.t_mid,
+            )
         )
 
 
@@ -622,14 +636,16 @@ class DiffusionModule(_TrigFlowModule):
         """PF-ODE samples of the model being trained (Heun for odd ``nfe``, else DDIM) on the
         time grid ``grid`` (:data:`sampling.TEACHER_GRIDS`; ``t_mid`` radians, default 1.1)."""
         with self.student_in_eval():
-            return sampling.teacher_sample(
-                self.student,
-                self.noise(num_samples, generator),
-                self.student.sigma_data,
-                nfe,
-                class_labels,
-                grid=grid,
-                t_mid=1.1 if t_mid is None else float(t_mid),
+            return self.decode(
+                sampling.teacher_sample(
+                    self.student,
+                    self.noise(num_samples, generator),
+                    self.student.sigma_data,
+                    nfe,
+                    class_labels,
+                    grid=grid,
+                    t_mid=1.1 if t_mid is None else float(t_mid),
+                )
             )
 
 

@@ -60,10 +60,15 @@ def load_text_components(folder: str | Path | None) -> dict[str, Any]:
 
 
 def pipeline_from_adapter(
-    adapter: NetAdapter, text_components: dict[str, Any] | None = None, **extra: Any
+    adapter: NetAdapter,
+    text_components: dict[str, Any] | None = None,
+    vae: nn.Module | None = None,
+    latent_statistics: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> SCMPipeline:
     """An :class:`SCMPipeline` around ``adapter.net`` (shared, not copied); ``text_components``
-    (:func:`load_text_components`) give a text-conditioned one its prompt encoder.
+    (:func:`load_text_components`) give a text-conditioned one its prompt encoder; a latent
+    model's ``vae`` and ``latent_statistics`` (``{"mean": [μ_c], "std": [s_c]}``) join it.
 
     ``extra`` (model type, image shape, ``t_max``, ``t_mid``, EMA profile, step, ...) joins the
     adapter description; ``t_max``/``t_mid`` also become the scheduler's ``max_timesteps`` /
@@ -85,6 +90,8 @@ def pipeline_from_adapter(
         scheduler=scheduler,
         guidance_embedding=emb,
         adapter=desc,
+        vae=vae,
+        latent_statistics=latent_statistics,
         **(text_components or {}),
     )
 
@@ -207,7 +214,20 @@ def load_pipeline(folder: str | Path) -> SCMPipeline:
         emb = SCMGuidanceEmbedding.from_pretrained(folder / "guidance_embedding", **kwargs)
     has_text = all((index.get(n) or [None])[0] for n in TEXT_COMPONENTS)  # [null, null]: none
     text = load_text_components(folder) if has_text else {}
-    return SCMPipeline(unet=unet, scheduler=scheduler, guidance_embedding=emb, adapter=desc, **text)
+    vae, latent_statistics = None, index.get("latent_statistics")
+    if (index.get("vae") or [None])[0] is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **kwargs).eval()
+    return SCMPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        guidance_embedding=emb,
+        adapter=desc,
+        vae=vae,
+        latent_statistics=latent_statistics,
+        **text,
+    )
 
 
 def pipeline_adapter(pipe: SCMPipeline) -> NetAdapter:

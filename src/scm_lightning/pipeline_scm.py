@@ -20,6 +20,9 @@ Folder::
     text_encoder/, tokenizer/  only for a text-conditioned student whose teacher folder held
                           them (transformers CLIPTextModel + CLIPTokenizer): then ``prompt=``
                           works besides ``prompt_embeds=``
+    vae/                  only for a latent model (data.latent): the AutoencoderKL whose
+                          latents, standardised per channel to std σ_d, the unet works on;
+                          ``latent_statistics`` (model_index.json) holds the channels' mean/std
 
 ``adapter`` says how the raw network becomes F in TrigFlow units (spec §2): ``kind`` is
 ``trigflow`` (``F = net(x_t/σ_d, t)``), ``edm`` (``F = ∓net(x_t/σ_d, ln(σ_d tan t)/4)``),
@@ -290,8 +293,13 @@ class SCMPipeline(DiffusionPipeline):
     ``model_index.json``, module doc) says how ``unet`` gives F.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet"
-    _optional_components: ClassVar[list[str]] = ["guidance_embedding", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components: ClassVar[list[str]] = [
+        "guidance_embedding",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+    ]
 
     def __init__(
         self,
@@ -301,6 +309,8 @@ class SCMPipeline(DiffusionPipeline):
         adapter: dict | None = None,
         text_encoder: nn.Module | None = None,
         tokenizer: Any = None,
+        vae: nn.Module | None = None,
+        latent_statistics: dict | None = None,
     ) -> None:
         super().__init__()
         if scheduler.config.prediction_type != "trigflow":
@@ -323,14 +333,37 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError("text_encoder and tokenizer come together (both or neither)")
         if text_encoder is not None and not adapter.get("text_embed_dim"):
             raise ValueError("a text encoder was given but the model is not text-conditioned")
+        if (vae is None) != (latent_statistics is None):
+            raise ValueError(
+                "a latent model needs both the vae component and latent_statistics "
+                f"(got vae={'present' if vae is not None else 'missing'}, latent_statistics="
+                f"{'present' if latent_statistics is not None else 'missing'})"
+            )
+        if vae is not None:
+            channels = int(vae.config.latent_channels)
+            stats = dict(latent_statistics)
+            if len(stats.get("mean", ())) != channels or len(stats.get("std", ())) != channels:
+                raise ValueError(
+                    f"latent_statistics must hold {channels} means and stds (the vae's "
+                    f"latent_channels), got {stats}"
+                )
+            if int(unet.config.in_channels) != channels:
+                raise ValueError(
+                    f"the unet takes {unet.config.in_channels} channels, the vae's latents "
+                    f"have {channels}"
+                )
         self.register_modules(
             unet=unet,
             scheduler=scheduler,
             guidance_embedding=guidance_embedding,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            vae=vae,
         )
         self.register_to_config(adapter=dict(adapter))
+        self.register_to_config(
+            latent_statistics=None if latent_statistics is None else dict(latent_statistics)
+        )
 
     @property
     def adapter_config(self) -> dict[str, Any]:
@@ -519,7 +552,8 @@ class SCMPipeline(DiffusionPipeline):
             guidance_scale: CFG scale s fed to a guidance-distilled student (default 1).
             class_labels: one label or ``(B,)``; default ``arange(B) % num_classes``.
             output_type: ``"pil"``, ``"np"`` (NHWC in [0, 1]), ``"pt"`` (NCHW in [0, 1]) or
-                ``"latent"`` (NCHW in data units, unclamped).
+                ``"latent"`` (NCHW in data units, unclamped; a latent model's undecoded
+                latents, :meth:`decode_latents` gives their images).
             prompt: a text-conditioned model's prompt(s), encoded by the folder's text encoder.
             prompt_embeds: ``(B or 1, L, D)`` prompt embeddings instead of ``prompt``, with
                 ``pooled_prompt_embeds`` ``(B or 1, P)`` and ``prompt_attention_mask``
@@ -586,7 +620,24 @@ class SCMPipeline(DiffusionPipeline):
             gen = torch.Generator(device=device).manual_seed(0) if last else generator
             out = self.scheduler.step(sd * F, tau, sample, generator=gen)  # model output σ_d·F
             sample, x0 = out.prev_sample, out.pred_original_sample
+        if output_type != "latent":
+            x0 = self.decode_latents(x0)
         return self._postprocess(x0, output_type, return_dict)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images ``(B, C_img, H, W)`` (≈ [-1, 1], unclamped) of samples in data units: a latent
+        model decodes ``ℓ = μ_c + s_c·z/σ_d`` (per-channel statistics, float64) with its vae
+        (= ``scm_lightning.latents.LatentCodec.decode``); a pixel model returns them unchanged."""
+        if self.vae is None:
+            return latents
+        stats = self.config.latent_statistics
+        shape = (1, -1) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(stats["mean"], dtype=torch.float64, device=latents.device)
+        std = torch.tensor(stats["std"], dtype=torch.float64, device=latents.device)
+        raw = mean.view(shape) + std.view(shape) * latents.to(torch.float64) / self.sigma_data
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(raw.to(latents.dtype).to(vae_dtype)).sample.to(latents.dtype)
 
     def _image_hw(self) -> tuple[int, int]:
         shape = self.adapter_config.get("image_shape")

@@ -41,7 +41,19 @@ JVP_PRECISION = {
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    return instantiate(cfg.data)
+    """``cfg.data``; with ``data.latent`` its images seen through the VAE, standardised to the
+    run's σ_d (``loss.sigma_data`` for fit, ``sigma_data`` for pretrain)."""
+    latent = cfg.data.get("latent")
+    if not latent:
+        return instantiate({k: v for k, v in cfg.data.items() if k != "latent"})
+    from scm_lightning.data.latent import LatentDataModule
+
+    images = instantiate({k: v for k, v in cfg.data.items() if k != "latent"})
+    sigma_data = cfg.loss.sigma_data if cfg.task == "fit" else cfg.sigma_data
+    try:
+        return LatentDataModule(images, str(latent.vae), float(sigma_data), latent.get("cache_dir"))
+    except ValueError as err:  # the VAE folder or its shapes: before any work
+        raise ConfigError(str(err)) from None
 
 
 def build_teacher(teacher_cfg: DictConfig) -> TrigFlowModel:
@@ -69,7 +81,13 @@ def check_model_matches_data(model: TrigFlowModel, dm: L.LightningDataModule, wh
             getattr(dm, "null_condition", None),
         )
     except ValueError as err:
-        raise ConfigError(f"{what} and data disagree: {err}") from None
+        vae = getattr(dm, "vae_path", None)
+        via = (
+            f" (data.latent.vae={vae!r} gives {dm.channels}×{dm.resolution}² latents)"
+            if vae
+            else ""
+        )
+        raise ConfigError(f"{what} and data disagree: {err}{via}") from None
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -156,7 +174,7 @@ def build_distillation(
     teacher = build_teacher(cfg.teacher) if teacher is None else teacher
     check_model_matches_data(teacher, dm, "teacher")
     loss = cfg.loss
-    return DistillationModule(
+    module = DistillationModule(
         teacher=teacher,
         image_shape=image_shape(dm),
         optimizer=instantiate(cfg.optim, _convert_="all"),
@@ -186,6 +204,8 @@ def build_distillation(
         max_bad_steps=cfg.max_bad_steps,
         uncond_condition=getattr(dm, "null_condition", None),
     )
+    module.latent_codec = getattr(dm, "codec", None)  # samples decode through it (data.latent)
+    return module
 
 
 def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModule:
@@ -198,7 +218,7 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
 
         model = TrigFlowNative(instantiate(cfg.net, _convert_="all"), sigma_data=cfg.sigma_data)
     check_model_matches_data(model, dm, "net")
-    return DiffusionModule(
+    module = DiffusionModule(
         model=model,
         image_shape=image_shape(dm),
         optimizer=instantiate(cfg.optim, _convert_="all"),
@@ -210,6 +230,8 @@ def build_diffusion(cfg: DictConfig, dm: L.LightningDataModule) -> DiffusionModu
         max_bad_steps=cfg.max_bad_steps,
         uncond_condition=getattr(dm, "null_condition", None),
     )
+    module.latent_codec = getattr(dm, "codec", None)
+    return module
 
 
 class TrainingStarted(L.Callback):
