@@ -487,24 +487,24 @@ def vsd_generator_loss(
         prior: ``z' ~ N(0, σ_d² I)`` ``(B, C, H, W)``.
     """
     sd = cfg.sigma_data
+    wide = torch.promote_types(torch.float32, prior.dtype)  # t, Δ and the loss: float32 or better
     samples = one_step_generate(student, prior, cfg.t_max, sd, class_labels)
     batch = prior.shape[0]
     t = trigflow.sample_time(
-        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=prior.device
+        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=prior.device, dtype=wide
     )  # log(σ_d tan t) ~ N(0.4, 2.0²) (§3c)
     z = torch.randn(prior.shape, generator=generator, device=prior.device, dtype=prior.dtype) * sd
     with torch.no_grad():
         x_t = trigflow.add_noise(samples.detach(), z, t)
-        score_gap = (
-            teacher(x_t / sd, t, class_labels, None).float()
-            - fake_score(x_t / sd, t, class_labels, None).float()
-        )  # Δ = F_teacher − F_φ
+        score_gap = teacher(x_t / sd, t, class_labels, None).to(wide) - fake_score(
+            x_t / sd, t, class_labels, None
+        ).to(wide)  # Δ = F_teacher − F_φ
     finite = torch.isfinite(score_gap).flatten(1).all(1)
     score_gap = torch.where(expand_like(finite, score_gap), score_gap, 0.0)
     # g_θ − g_θ⁻ + Δ: the value is Δ, the gradient flows through g_θ only (§3c).
-    residual = samples.float() - (samples.detach().float() - score_gap)
+    residual = samples.to(wide) - (samples.detach().to(wide) - score_gap)
     residual = torch.where(expand_like(finite, residual), residual, 0.0)
-    w = logvar(t).float()
+    w = logvar(t).to(wide)
     num_elements = prior[0].numel()
     per_sample = adaptive_weighted_loss(per_sample_sq_norm(residual), w, num_elements)
     per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
