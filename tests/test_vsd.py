@@ -240,14 +240,15 @@ def test_fit_vsd_from_the_cli_then_export_writes_the_student(tmp_path: Path, los
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("fd_teacher_nfe35=") and "fd_student_nfe1=" in last, last
     assert (run_dir / "samples" / "samples_final_nfe1.png").is_file()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     assert not any(k.startswith("teacher.") for k in state)
     assert any(k.startswith("fake_score.") for k in state)
     assert any(k.startswith("vsd_logvar.") for k in state)
     assert len(ckpt["optimizer_states"]) == 2 and ckpt["global_step"] == 1
     out = tmp_path / "exported"
-    assert commands.main("export", [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+    assert commands.main("export", [f"ckpt={ckpt_path}", f"out={out}"]) == 0
     exported = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))["ema"]
     student = next(iter(ema.values()))
