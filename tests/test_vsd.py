@@ -275,6 +275,8 @@ def _fit(run_dir: Path, teacher: Path, data: Path, steps: int, *extra: str) -> N
                 "loss.warmup_steps=3", "optim=adam", "optim.lr=1e-3", "loss.fake_score_lr=2e-3",
                 "callbacks.fid=null", "callbacks.progress=null", "callbacks.samples=null",
                 "callbacks.checkpoint.every_n_train_steps=1", "eval=none",
+                "lr_scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,"
+                "step_size:2,gamma:0.5}",
                 f"run_dir={run_dir}", *extra,
             ],
         )
@@ -284,8 +286,9 @@ def _fit(run_dir: Path, teacher: Path, data: Path, steps: int, *extra: str) -> N
 @pytest.mark.slow
 def test_scd_vsd_stop_and_resume_matches_the_uninterrupted_run(tiny_teacher, tmp_path):
     """5 steps in one go vs 3 steps, stop, resume to 5 (mid-epoch: 6 batches per epoch): the
-    student, fake score, w_ψ, both optimisers, EMA and step count agree; φ's updates do not
-    count as trainer steps; both parts' losses and grad norms are logged."""
+    student, fake score, w_ψ, both optimisers and their LR schedulers, EMA and step count
+    agree; φ's updates do not count as trainer steps; both parts' losses and grad norms are
+    logged."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data.npz"
     np.savez(data, images=rng.uniform(-1, 1, (24, 1, 8, 8)).astype(np.float32))
@@ -307,7 +310,11 @@ def test_scd_vsd_stop_and_resume_matches_the_uninterrupted_run(tiny_teacher, tmp
         for idx, slot in opt_a["state"].items():
             for name, value in slot.items():
                 torch.testing.assert_close(value, opt_b["state"][idx][name], rtol=1e-5, atol=1e-7)
-    assert [o["param_groups"][0]["lr"] for o in a["optimizer_states"]] == [1e-3, 2e-3]
+    # Both schedulers stepped once per batch (StepLR: ×0.5 every 2 steps, 5 steps -> ×0.25)
+    # and resumed with their state.
+    lrs = [o["param_groups"][0]["lr"] for o in a["optimizer_states"]]
+    assert lrs == pytest.approx([1e-3 * 0.25, 2e-3 * 0.25], rel=1e-12)
+    assert [s["last_epoch"] for s in b["lr_schedulers"]] == [5, 5]
     ema_a, ema_b = (
         next(v for k, v in c["callbacks"].items() if k.startswith("EMA")) for c in (a, b)
     )
