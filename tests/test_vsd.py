@@ -200,6 +200,30 @@ def test_vsd_gradient_is_zero_when_the_fake_score_is_the_teacher():
     assert max(float(gr.abs().max()) for gr in grads[n:]) > 1e-3  # w_ψ still learns
 
 
+def test_vsd_module_starts_its_fake_score_at_the_teacher_and_splits_the_optimisers(tmp_path):
+    """build_distillation(loss=scd_vsd): F_φ is a trainable copy of the teacher; θ's optimiser
+    holds the student (with w_φ) and w_ψ, φ's the fake score at loss.fake_score_lr."""
+    from scm_lightning.config import compose_config
+    from scm_lightning.modules import VSDDistillationModule
+    from scm_lightning.training import build_datamodule, build_distillation
+
+    cfg = compose_config("fit", ["loss=scd_vsd", "loss.fake_score_lr=3e-4", f"run_dir={tmp_path}"])
+    module = build_distillation(cfg, build_datamodule(cfg))
+    assert isinstance(module, VSDDistillationModule) and module.mode == "scd_vsd"
+    teacher = module.teacher.state_dict()
+    for key, value in module.fake_score.state_dict().items():
+        torch.testing.assert_close(value, teacher[key], rtol=0, atol=0)
+    assert all(p.requires_grad for p in module.fake_score.parameters())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    opt_student, opt_fake = module.configure_optimizers()
+    ids = [{id(p) for g in o.param_groups for p in g["params"]} for o in (opt_student, opt_fake)]
+    want_student = {id(p) for p in [*module.student.parameters(), *module.vsd_logvar.parameters()]}
+    assert ids[0] == want_student and ids[1] == {id(p) for p in module.fake_score.parameters()}
+    assert opt_fake.param_groups[0]["lr"] == 3e-4
+    assert opt_student.param_groups[0]["lr"] == cfg.optim.lr
+    assert not any(k.startswith("teacher.") for k in module.state_dict())
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
