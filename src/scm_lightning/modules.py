@@ -731,7 +731,8 @@ class VSDDistillationModule(DistillationModule):
             class_labels=class_labels,
             generator=generator,
         )
-        total = total + self.vsd_weight * vsd.loss  # sCD + λ_VSD·VSD (spec §3c)
+        weight = self.vsd_weight if self.mode == "scd_vsd" else 1.0
+        total = total + weight * vsd.loss  # sCD + λ_VSD·VSD (spec §3c)
         metrics |= {
             "vsd_loss": vsd.loss.detach(),
             "vsd_score_gap": vsd.score_gap,
