@@ -207,7 +207,8 @@ def test_vsd_module_starts_its_fake_score_at_the_teacher_and_splits_the_optimise
     from scm_lightning.modules import VSDDistillationModule
     from scm_lightning.training import build_datamodule, build_distillation
 
-    cfg = compose_config("fit", ["loss=scd_vsd", "loss.fake_score_lr=3e-4", f"run_dir={tmp_path}"])
+    overrides = ["loss=scd_vsd", "loss.fake_score_lr=3e-4", "loss.vsd_weight=2.5"]
+    cfg = compose_config("fit", [*overrides, f"run_dir={tmp_path}"])
     module = build_distillation(cfg, build_datamodule(cfg))
     assert isinstance(module, VSDDistillationModule) and module.mode == "scd_vsd"
     teacher = module.teacher.state_dict()
@@ -222,6 +223,11 @@ def test_vsd_module_starts_its_fake_score_at_the_teacher_and_splits_the_optimise
     assert opt_fake.param_groups[0]["lr"] == 3e-4
     assert opt_student.param_groups[0]["lr"] == cfg.optim.lr
     assert not any(k.startswith("teacher.") for k in module.state_dict())
+    # θ's loss is L_sCD + λ_VSD·L_VSD
+    x0 = 0.5 * torch.randn(4, *module.image_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        total, parts, _, _ = module._losses(x0, torch.zeros(4), torch.Generator(), 1.0)
+    torch.testing.assert_close(total, parts["scd_loss"] + 2.5 * parts["vsd_loss"])
 
 
 @pytest.mark.parametrize(
