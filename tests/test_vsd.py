@@ -164,6 +164,19 @@ def test_vsd_gradient_moves_the_generator_toward_the_teacher_distribution():
     assert float(torch.nn.functional.cosine_similarity(step, toward, dim=0)) > 0.9999
 
 
+def test_the_trained_generator_is_the_1_step_sampler():
+    """g_θ(z') is exactly what 1-NFE sampling (FID, grids, export) draws from the prior."""
+    from scm_lightning.sampling import consistency_sample, consistency_times
+
+    student, _, _, _ = _nets()
+    prior = _prior()
+    times = consistency_times(1, sigma_data=SD)
+    with torch.no_grad():
+        want = consistency_sample(student, prior, times, SD)
+        got = one_step_generate(student, prior, VSDLossConfig().t_max, SD)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_fake_score_loss_is_the_diffusion_loss_on_detached_generator_samples():
     student, _, fake, _ = _nets()
     cfg, prior = VSDLossConfig(), _prior()
