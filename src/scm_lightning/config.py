@@ -235,7 +235,9 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu", "xla")
 LOSS_KEYS = {
     "mode", "sigma_data", "p_mean", "p_std", "tangent_norm_c", "spatially_invariant_norm",
     "prior_weighting", "warmup_steps", "t_mid", "jvp_precision", "fast_jvp",
+    *("vsd_p_mean", "vsd_p_std", "vsd_sigma_max", "vsd_weight", "fake_score_lr"),  # loss/vsd
 }  # fmt: skip
+VSD_MODES = ("vsd", "scd_vsd")  # adaptive VSD, sCD + VSD (spec §3c): two alternating optimisers
 STUDENT_KEYS = {
     "guidance_embedding", "guidance_scale_range", "uncond_label", "logvar_channels",
     "jvp_attention", "gradient_checkpointing", "dropout",
@@ -357,7 +359,7 @@ def _validate_loss(cfg: DictConfig) -> None:
     from scm_lightning import trigflow
 
     _known_keys(cfg, "loss", LOSS_KEYS)
-    _choice(cfg, "loss.mode", ("scd", "sct"))
+    _choice(cfg, "loss.mode", ("scd", "sct", *VSD_MODES))
     _num(cfg, "loss.sigma_data", 0, strict=True)
     _num(cfg, "loss.p_mean")
     _num(cfg, "loss.p_std", 0, strict=True)
@@ -375,6 +377,52 @@ def _validate_loss(cfg: DictConfig) -> None:
         t_mid,
         f"0 < t_mid < t_max = {t_max:.5f} (TrigFlow time in radians)",
     )
+
+
+def _validate_vsd(cfg: DictConfig) -> None:
+    """loss=vsd / scd_vsd: its keys, and the trainer features its alternating θ/φ updates
+    (Lightning manual optimisation, one process) do not support."""
+    mode = _get(cfg, "loss.mode")
+    if mode not in VSD_MODES:
+        return
+    _num(cfg, "loss.vsd_p_mean")
+    _num(cfg, "loss.vsd_p_std", 0, strict=True)
+    _num(cfg, "loss.vsd_sigma_max", 0, strict=True)
+    _num(cfg, "loss.vsd_weight", 0)
+    _num(cfg, "loss.fake_score_lr", 0, strict=True, none_ok=True)
+    why = f"with loss.mode={mode!r}"
+    compiled = cfg.trainer.get("compile", False)
+    _check(not compiled, "trainer.compile", compiled, f"false {why} (not wired for VSD)")
+    strategy = _get(cfg, "trainer.strategy")
+    _check(
+        strategy in ("auto", "single_device"),
+        "trainer.strategy",
+        strategy,
+        f"auto (one process) {why}: the alternating student/fake-score updates are not wired "
+        "for DDP/FSDP",
+    )
+    devices = _get(cfg, "trainer.devices")
+    one = devices in (1, "1") or (isinstance(devices, ListConfig) and len(devices) == 1)
+    _check(one, "trainer.devices", devices, f"1 (one process) {why}")
+    _check(
+        _get(cfg, "trainer.num_nodes") == 1, "trainer.num_nodes", cfg.trainer.num_nodes, f"1 {why}"
+    )
+    accumulate = _get(cfg, "trainer.accumulate_grad_batches")
+    _check(
+        accumulate == 1,
+        "trainer.accumulate_grad_batches",
+        accumulate,
+        f"1 {why} (manual optimisation steps every batch)",
+    )
+    clip = _get(cfg, "trainer.gradient_clip_val")
+    _check(
+        clip is None or clip == 0,
+        "trainer.gradient_clip_val",
+        clip,
+        f"null {why} (Lightning clips only under automatic optimisation)",
+    )
+    rng = _get(cfg, "student.guidance_scale_range")
+    _check(rng is None, "student.guidance_scale_range", rng, f"null {why} (no CFG for VSD)")
 
 
 def _validate_fit_precision(cfg: DictConfig) -> None:
@@ -676,6 +724,7 @@ def validate_config(cfg: DictConfig) -> None:
     _validate_data(cfg)
     if cfg.task == "fit":
         _validate_loss(cfg)
+        _validate_vsd(cfg)
         _validate_fit_precision(cfg)
         _validate_student(cfg)
         _validate_guidance(cfg)

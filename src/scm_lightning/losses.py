@@ -393,3 +393,157 @@ def diffusion_loss(
         return residual_sq.mean() / x0[0].numel()
     w = logvar(t).float()
     return adaptive_weighted_loss(residual_sq, w, x0[0].numel()).mean()
+
+
+# --- Adaptive VSD and sCD + VSD (spec §3c; paper §5.2, App. C) -----------------------------
+
+
+@dataclass(frozen=True)
+class VSDLossConfig:
+    """Hyperparameters of the adaptive VSD generator loss and the fake-score loss (spec §3c).
+
+    The time proposal ``log(σ_d tan t) ~ N(p_mean, p_std²)`` is the paper's N(0.4, 2.0²); the
+    spec is silent on the fake score's proposal, so its §1 diffusion loss draws t from the same.
+    The generator is the 1-step student at ``t_max = arctan(sigma_max/σ_d)`` (spec §5).
+    """
+
+    sigma_data: float = 0.5
+    p_mean: float = 0.4
+    p_std: float = 2.0
+    sigma_max: float = 80.0
+
+    def __post_init__(self) -> None:
+        if not self.sigma_data > 0:
+            raise ValueError(f"loss.sigma_data must be > 0, got {self.sigma_data}")
+        if not self.p_std > 0:
+            raise ValueError(f"loss.vsd_p_std must be > 0, got {self.p_std}")
+        if not self.sigma_max > 0:
+            raise ValueError(f"loss.vsd_sigma_max must be > 0, got {self.sigma_max}")
+
+    @property
+    def t_max(self) -> float:
+        return trigflow.t_max_from_sigma_max(self.sigma_max, self.sigma_data)
+
+
+@dataclass
+class VSDLossOutput:
+    """The generator loss plus diagnostics (all detached except ``loss``)."""
+
+    loss: Tensor
+    samples: Tensor  # g_θ(z') (B, C, H, W), detached: the fake score's training data
+    score_gap: Tensor  # mean ‖F_teacher − F_φ‖²/D over finite samples (the VSD residual)
+    masked_fraction: Tensor  # fraction of samples whose F_teacher − F_φ was non-finite
+    logvar: Tensor  # mean w_ψ(t)
+    per_sample: Tensor  # (B,) loss terms, zero where masked
+
+
+def one_step_generate(
+    student: TrigFlowFn,
+    prior: Tensor,
+    t_max: float,
+    sigma_data: float,
+    class_labels: Tensor | None = None,
+) -> Tensor:
+    """The 1-step generator ``g_θ(z') = f_θ(z', t_max)`` (spec §3c, Eq. 5), with autograd.
+
+    ``prior`` is ``z' ~ N(0, σ_d² I)`` ``(B, C, H, W)`` in data units; returns ``(B, C, H, W)``
+    in data units: ``cos t_max·z' − sin t_max·σ_d·F_θ(z'/σ_d, t_max)``.
+    """
+    dtype = torch.promote_types(torch.float32, prior.dtype)  # times stay float32 or better
+    t = torch.full((prior.shape[0],), t_max, device=prior.device, dtype=dtype)
+    F = student(prior / sigma_data, t, class_labels, None)
+    return trigflow.consistency_function(prior, t, F, sigma_data).to(prior.dtype)
+
+
+def vsd_generator_loss(
+    student: TrigFlowFn,
+    teacher: TrigFlowFn,
+    fake_score: TrigFlowFn,
+    logvar: Callable[[Tensor], Tensor],
+    prior: Tensor,
+    cfg: VSDLossConfig,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> VSDLossOutput:
+    """Adaptive VSD generator loss (spec §3c), one Monte-Carlo sample per generated image:
+
+    ``L = E[exp(w_ψ(t))/D·‖g_θ(z') − g_θ⁻(z') + F_teacher(x_t/σ_d,t) − F_φ(x_t/σ_d,t)‖² − w_ψ(t)]``
+
+    with ``x_t = cos t·g_θ⁻(z') + sin t·z``, ``z ~ N(0, σ_d² I)``, ``log(σ_d tan t) ~
+    N(p_mean, p_std²)``. ``F_teacher`` and ``F_φ`` are evaluated without gradient (the frozen
+    teacher; φ trains on its own loss), so θ enters only through ``g_θ``; ``w_ψ`` is ``logvar``.
+
+    Gradient direction. The residual's value is ``Δ = F_teacher − F_φ`` (``g_θ − g_θ⁻ = 0``), so
+    ``∇_θ L = 2·exp(w)/D·Δᵀ ∂g_θ/∂θ`` and a descent step moves ``g_θ`` along ``−Δ``. In TrigFlow
+    units the denoiser is ``D(x_t) = cos t·x_t − sin t·σ_d·F`` and the score of ``p_t`` is
+    ``∇log p_t(x_t) = (cos t·D − x_t)/(σ_d² sin²t) = −(sin t·x_t + cos t·σ_d·F)/(σ_d² sin t)``.
+    Hence ``s_teacher − s_φ = −cos t/(σ_d sin t)·Δ``: ``−Δ`` is a positive multiple of the
+    teacher's score minus the fake score, the VSD direction that lowers
+    ``KL(p_θ,t ‖ p_teacher,t)`` (``∂x_t/∂g = cos t > 0``). Equivalently ``D_teacher − D_φ =
+    −sin t·σ_d·Δ``: the sample moves toward the teacher's denoised estimate. ``g`` is in data
+    units and F in TrigFlow units as the spec writes it; ``exp(w_ψ)`` absorbs any scale.
+
+    Args:
+        student: ``F_θ`` (the raw student module, with grad).
+        teacher, fake_score: ``F(x_t/σ_d, t, labels, guidance)`` modules of the same shape.
+        logvar: ``w_ψ(t)``, ``(B,) -> (B,)``.
+        prior: ``z' ~ N(0, σ_d² I)`` ``(B, C, H, W)``.
+    """
+    sd = cfg.sigma_data
+    wide = torch.promote_types(torch.float32, prior.dtype)  # t, Δ and the loss: float32 or better
+    samples = one_step_generate(student, prior, cfg.t_max, sd, class_labels)
+    batch = prior.shape[0]
+    t = trigflow.sample_time(
+        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=prior.device, dtype=wide
+    )  # log(σ_d tan t) ~ N(0.4, 2.0²) (§3c)
+    z = torch.randn(prior.shape, generator=generator, device=prior.device, dtype=prior.dtype) * sd
+    with torch.no_grad():
+        x_t = trigflow.add_noise(samples.detach(), z, t)
+        score_gap = teacher(x_t / sd, t, class_labels, None).to(wide) - fake_score(
+            x_t / sd, t, class_labels, None
+        ).to(wide)  # Δ = F_teacher − F_φ
+    finite = torch.isfinite(score_gap).flatten(1).all(1)
+    score_gap = torch.where(expand_like(finite, score_gap), score_gap, 0.0)
+    # g_θ − g_θ⁻ + Δ: the value is Δ, the gradient flows through g_θ only (§3c).
+    residual = samples.to(wide) - (samples.detach().to(wide) - score_gap)
+    residual = torch.where(expand_like(finite, residual), residual, 0.0)
+    w = logvar(t).to(wide)
+    num_elements = prior[0].numel()
+    per_sample = adaptive_weighted_loss(per_sample_sq_norm(residual), w, num_elements)
+    per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
+    count = finite.sum()
+    loss = per_sample.sum() / count.clamp(min=1)
+    with torch.no_grad():
+        gap = (per_sample_sq_norm(score_gap) / num_elements * finite).sum() / count.clamp(min=1)
+    return VSDLossOutput(
+        loss=loss,
+        samples=samples.detach(),
+        score_gap=gap,
+        masked_fraction=1.0 - count.float() / batch,
+        logvar=w.detach().mean(),
+        per_sample=per_sample.detach(),
+    )
+
+
+def fake_score_loss(
+    fake_score: nn.Module,
+    samples: Tensor,
+    cfg: VSDLossConfig,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The fake score's §1 diffusion loss on the generator's samples, ``x0 = sg(g_θ(z'))``.
+
+    ``E‖σ_d F_φ(x_t/σ_d, t) − v_t‖²`` (Eq. 4, unweighted; measured as :func:`diffusion_loss`
+    does, in TrigFlow units per element, a constant factor ``1/(σ_d² D)``). The samples are
+    detached, so the gradient reaches φ only.
+    """
+    return diffusion_loss(
+        fake_score,
+        samples.detach(),
+        cfg.sigma_data,
+        cfg.p_mean,
+        cfg.p_std,
+        class_labels=class_labels,
+        generator=generator,
+    )

@@ -8,6 +8,7 @@ checkpoint contents.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,10 +21,13 @@ from scm_lightning import sampling
 from scm_lightning.losses import (
     SCMLossConfig,
     StudentJVP,
+    VSDLossConfig,
     compiled_rearranged_jvp,
     diffusion_loss,
+    fake_score_loss,
     rearranged_jvp,
     scm_loss,
+    vsd_generator_loss,
 )
 from scm_lightning.nets.weighting import LogVarHead
 from scm_lightning.student import Student
@@ -654,3 +658,207 @@ def inverse_sqrt_lr(t_ref: int) -> Callable[[int], float]:
     if t_ref <= 0:
         raise ValueError(f"t_ref must be > 0, got {t_ref}")
     return lambda step: 1.0 / math.sqrt(max(step / t_ref, 1.0))
+
+
+class VSDDistillationModule(DistillationModule):
+    """Adaptive VSD (``mode="vsd"``) or sCD + VSD (``mode="scd_vsd"``), spec §3c.
+
+    The generator is the 1-step student ``g_θ(z') = f_θ(z', t_max)``; a fake-score network
+    ``F_φ`` (``self.fake_score``, a trainable copy of the teacher's TrigFlowModel) learns the
+    generator's distribution by the §1 diffusion loss on its detached samples. Each training
+    batch takes two updates with Lightning manual optimisation: θ (the student, its sCD head
+    w_φ and the VSD head w_ψ = ``self.vsd_logvar``) on ``L_sCD + λ_VSD·L_VSD`` (``L_VSD`` alone
+    for ``vsd``), then φ on the fake-score loss. Only the θ update counts as a trainer step,
+    so ``max_steps``, the step RNG, tangent warmup, EMA and checkpoint intervals mean what
+    they mean for sCD. The fake score, w_ψ and both optimisers' states are in the checkpoint;
+    the frozen teacher is not.
+
+    Args (beyond :class:`DistillationModule`'s):
+        vsd_loss: :class:`VSDLossConfig` fields.
+        vsd_weight: λ_VSD, the weight of the VSD term in sCD + VSD (spec: 1).
+        fake_score_lr: the fake score's learning rate (None: the student's, spec §3c).
+    """
+
+    def __init__(
+        self,
+        teacher: TrigFlowModel,
+        image_shape: Sequence[int],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        mode: str = "vsd",
+        vsd_loss: dict[str, Any] | VSDLossConfig | None = None,
+        vsd_weight: float = 1.0,
+        fake_score_lr: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mode not in ("vsd", "scd_vsd"):
+            raise ValueError(f"mode must be 'vsd' or 'scd_vsd', got {mode!r}")
+        if kwargs.get("guidance_scale_range") is not None:
+            raise ValueError("VSD distillation does not support CFG (guidance_scale_range)")
+        super().__init__(teacher, image_shape, optimizer, lr_scheduler, mode="scd", **kwargs)
+        self.mode = mode
+        self.automatic_optimization = False  # θ and φ alternate (two optimisers)
+        cfg = vsd_loss if isinstance(vsd_loss, VSDLossConfig) else VSDLossConfig(**(vsd_loss or {}))
+        if abs(cfg.sigma_data - teacher.sigma_data) > 1e-12:
+            raise ValueError(
+                f"loss.sigma_data={cfg.sigma_data} disagrees with the teacher's "
+                f"sigma_data={teacher.sigma_data}"
+            )
+        self.vsd_cfg = cfg
+        if not (math.isfinite(vsd_weight) and vsd_weight >= 0):
+            raise ValueError(f"vsd_weight (λ_VSD) must be a finite number >= 0, got {vsd_weight}")
+        self.vsd_weight = float(vsd_weight)
+        self.fake_score_lr = None if fake_score_lr is None else float(fake_score_lr)
+        # F_φ starts as the teacher (spec §3c); dropout off, as the teacher's copy in sCD.
+        from scm_lightning.student import set_dropout
+
+        self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
+        set_dropout(self.fake_score, 0.0)
+        self.vsd_logvar = LogVarHead(self.student.logvar.num_channels)  # w_ψ, zero-initialised
+        self._stepping_fake_score = False
+
+    def compile_step(self, backend: str = "inductor") -> None:
+        raise ValueError(f"trainer.compile is not supported with loss.mode={self.mode!r}")
+
+    def configure_optimizers(self) -> Any:
+        student = [p for p in self.student.parameters() if p.requires_grad]
+        student += list(self.vsd_logvar.parameters())
+        opt_student = self.optimizer_factory(student)
+        fake = [p for p in self.fake_score.parameters() if p.requires_grad]
+        lr = {} if self.fake_score_lr is None else {"lr": self.fake_score_lr}
+        opt_fake = self.optimizer_factory(fake, **lr)
+        if self.scheduler_factory is None:
+            return [opt_student, opt_fake]
+        schedulers = [self.scheduler_factory(opt_student), self.scheduler_factory(opt_fake)]
+        return [opt_student, opt_fake], schedulers
+
+    def _prior(self, batch_size: int, generator: torch.Generator) -> Tensor:
+        """The generator's input ``z' ~ N(0, σ_d² I)`` from the step RNG."""
+        sd = self.vsd_cfg.sigma_data
+        shape = (batch_size, *self.image_shape)
+        return sd * torch.randn(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def _losses(
+        self, x0: Tensor, labels: Tensor, generator: torch.Generator, r: float
+    ) -> tuple[Tensor, dict[str, Tensor], Any, Tensor]:
+        """``(θ loss, metrics, sCD output or None, generator samples)`` of one batch."""
+        class_labels = labels if self.student.num_classes else None
+        metrics: dict[str, Tensor] = {}
+        total = x0.new_zeros((), dtype=torch.float32)
+        scd = None
+        if self.mode == "scd_vsd":
+            scd = scm_loss(
+                self.student,
+                x0,
+                self.loss_cfg,
+                r=r,
+                teacher=self.teacher,
+                class_labels=class_labels,
+                generator=generator,
+                student_jvp=self.student_jvp,
+            )
+            total = total + scd.loss
+            metrics |= {
+                "scd_loss": scd.loss.detach(),
+                "g_norm": scd.g_norm,
+                "masked_fraction": scd.masked_fraction,
+                "logvar": scd.logvar,
+            }
+        vsd = vsd_generator_loss(
+            self.student,
+            self.teacher,
+            self.fake_score,
+            self.vsd_logvar,
+            self._prior(x0.shape[0], generator),
+            self.vsd_cfg,
+            class_labels=class_labels,
+            generator=generator,
+        )
+        weight = self.vsd_weight if self.mode == "scd_vsd" else 1.0
+        total = total + weight * vsd.loss  # sCD + λ_VSD·VSD (spec §3c)
+        metrics |= {
+            "vsd_loss": vsd.loss.detach(),
+            "vsd_score_gap": vsd.score_gap,
+            "vsd_logvar": vsd.logvar,
+            "vsd_masked_fraction": vsd.masked_fraction,
+        }
+        return total, metrics, scd, vsd.samples
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        gen = self.step_rng(x0.device, batch_idx)
+        opt_student, opt_fake = self.optimizers()
+        # θ update: sCD + λ·VSD (or VSD alone); F_φ and the teacher are evaluated without grad.
+        opt_student.zero_grad(set_to_none=True)
+        opt_fake.zero_grad(set_to_none=True)
+        loss, metrics, scd, samples = self._losses(x0, labels, gen, self.tangent_warmup_r)
+        if scd is not None:
+            self.unusable_batch = scd.masked_fraction >= 1
+        self.manual_backward(loss)
+        opt_student.step()  # on_before_optimizer_step: grad norm, skip of non-finite steps
+        # φ update on the generator's detached samples (one per θ update, spec §3c).
+        opt_student.zero_grad(set_to_none=True)
+        class_labels = labels if self.student.num_classes else None
+        fake_loss = fake_score_loss(self.fake_score, samples, self.vsd_cfg, class_labels, gen)
+        self.manual_backward(fake_loss)
+        self._uncounted_step(opt_fake)
+        opt_fake.zero_grad(set_to_none=True)
+        for scheduler in self._schedulers():
+            scheduler.step()
+        logged = {f"train/{k}": v for k, v in metrics.items()}
+        logged |= {
+            "train/loss": loss.detach(),
+            "train/fake_score_loss": fake_loss.detach(),
+            "train/r": float(self.tangent_warmup_r),
+        }
+        self.log_dict(logged, on_step=True, prog_bar=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss.detach()
+
+    def _schedulers(self) -> list[Any]:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return list(schedulers) if isinstance(schedulers, list) else [schedulers]
+
+    def _uncounted_step(self, optimizer: Any) -> None:
+        """Step the fake score's optimiser through Lightning (precision plugin, hooks) without
+        advancing ``trainer.global_step``, which under manual optimisation counts every
+        ``LightningOptimizer.step``: the step count is the student's alone."""
+        before, after = optimizer._on_before_step, optimizer._on_after_step
+
+        def nothing() -> None:
+            return None
+
+        optimizer._on_before_step = optimizer._on_after_step = nothing
+        self._stepping_fake_score = True
+        try:
+            optimizer.step()
+        finally:
+            self._stepping_fake_score = False
+            optimizer._on_before_step, optimizer._on_after_step = before, after
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._stepping_fake_score:
+            super().on_before_optimizer_step(optimizer)
+            return
+        grads = [p.grad for p in self.fake_score.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+            if grads
+            else torch.zeros(1, device=self.device)
+        )
+        self.log("train/fake_score_grad_norm", norm, on_step=True, prog_bar=False)
+        if not bool(torch.isfinite(norm)):  # a non-finite φ gradient must not reach F_φ
+            optimizer.zero_grad(set_to_none=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        gen = step_generator(self.seed, batch_idx, self.global_rank, x0.device)
+        with torch.no_grad():
+            loss, metrics, _, samples = self._losses(x0, labels, gen, 1.0)
+            class_labels = labels if self.student.num_classes else None
+            fake = fake_score_loss(self.fake_score, samples, self.vsd_cfg, class_labels, gen)
+        self.log("val/loss", loss, sync_dist=True, prog_bar=True)
+        self.log("val/vsd_loss", metrics["vsd_loss"], sync_dist=True)
+        self.log("val/fake_score_loss", fake, sync_dist=True)

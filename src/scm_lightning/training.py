@@ -28,8 +28,10 @@ from scm_lightning.checkpointing import (
     has_own_checkpoint_io,
 )
 from scm_lightning.config import ConfigError, validate_config
-from scm_lightning.modules import DiffusionModule, DistillationModule
+from scm_lightning.modules import DiffusionModule, DistillationModule, VSDDistillationModule
 from scm_lightning.teachers.base import TrigFlowModel
+
+VSD_MODES = ("vsd", "scd_vsd")  # loss.mode values of VSDDistillationModule
 
 JVP_PRECISION = {
     None: None,
@@ -174,7 +176,20 @@ def build_distillation(
     teacher = build_teacher(cfg.teacher) if teacher is None else teacher
     check_model_matches_data(teacher, dm, "teacher")
     loss = cfg.loss
-    module = DistillationModule(
+    module_class, extra = DistillationModule, {"mode": loss.mode}
+    if loss.mode in VSD_MODES:  # adaptive VSD / sCD + VSD (spec §3c): a fake score, 2 optimisers
+        module_class = VSDDistillationModule
+        extra |= {
+            "vsd_loss": {
+                "sigma_data": loss.sigma_data,
+                "p_mean": loss.vsd_p_mean,
+                "p_std": loss.vsd_p_std,
+                "sigma_max": loss.vsd_sigma_max,
+            },
+            "vsd_weight": loss.vsd_weight,
+            "fake_score_lr": loss.fake_score_lr,
+        }
+    module = module_class(
         teacher=teacher,
         image_shape=image_shape(dm),
         optimizer=instantiate(cfg.optim, _convert_="all"),
@@ -191,7 +206,6 @@ def build_distillation(
             ],
             "fast_jvp": loss.fast_jvp,
         },
-        mode=loss.mode,
         student_guidance_embedding=cfg.student.guidance_embedding,
         guidance_scale_range=cfg.student.guidance_scale_range,
         uncond_label=cfg.student.uncond_label,
@@ -203,6 +217,7 @@ def build_distillation(
         seed=cfg.seed,
         max_bad_steps=cfg.max_bad_steps,
         uncond_condition=getattr(dm, "null_condition", None),
+        **extra,
     )
     module.latent_codec = getattr(dm, "codec", None)  # samples decode through it (data.latent)
     return module
