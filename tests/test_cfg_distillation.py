@@ -194,7 +194,8 @@ def test_fit_fast_dev_run_cfg_distillation_from_the_cli(tmp_path: Path) -> None:
         *TINY_NET, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "label_dropout: 0.1" in res.stdout and "num_classes: 10" in res.stdout
+    resolved = (tmp_path / "pre" / "config.yaml").read_text()
+    assert "label_dropout: 0.1" in resolved and "num_classes: 10" in resolved
     run = tmp_path / "fit"
     res = run_cli(
         "fit", "debug=fdr", "experiment=digits_cond_scd", f"teacher.path={teacher}",
