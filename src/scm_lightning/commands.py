@@ -533,8 +533,8 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
 
     teacher_sample = _teacher_sampler(module, cfg, device) if distill and teacher_nfes else None
     for guidance in guidances:
-        s = run_guidance if guidance is None else guidance
-        at_s = {**opts, "guidance": guidance}
+        s = run_guidance if guidance is None else guidance  # exported folders: no default
+        at_s = {**opts, "guidance": s}
         if teacher_sample is not None:
             for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
                 for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
@@ -542,8 +542,8 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
                         "teacher",
                         teacher_sampler_name(nfe, grid),
                         nfe,
-                        lambda n, g, lab, nfe=nfe, grid=grid, guidance=guidance: teacher_sample(
-                            n, nfe, g, lab, grid, guidance
+                        lambda n, g, lab, nfe=nfe, grid=grid, s=s: teacher_sample(
+                            n, nfe, g, lab, grid, s
                         ),
                         s,
                     )
