@@ -33,14 +33,22 @@ def _private_cache_dir(tmp_path_factory):
         os.environ["SCM_CACHE_DIR"] = old
 
 
-def write_tiny_teacher(path: Path, seed: int = 0, sample_size: int = 8) -> Path:
-    """A random TrigFlowUNet teacher folder (unet/ + SCMScheduler config), loadable offline."""
+def write_tiny_teacher(
+    path: Path, seed: int = 0, sample_size: int = 8, num_classes: int | None = None
+) -> Path:
+    """A random TrigFlowUNet teacher folder (unet/ + SCMScheduler config), loadable offline;
+    ``num_classes``: class-conditional, with the null class ``num_classes`` for CFG."""
     from diffusers import SCMScheduler
 
     from scm_lightning.nets.trigflow_unet import TrigFlowUNet
 
     torch.manual_seed(seed)
-    net = TrigFlowUNet(sample_size=sample_size, block_channels=(16, 32), attention_head_dim=16)
+    net = TrigFlowUNet(
+        sample_size=sample_size,
+        block_channels=(16, 32),
+        attention_head_dim=16,
+        num_classes=num_classes,
+    )
     for p in net.parameters():  # a non-trivial teacher (the default init outputs zeros)
         p.data.normal_(std=0.05)
     net.save_pretrained(path / "unet")

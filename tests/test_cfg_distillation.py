@@ -185,19 +185,20 @@ TINY_NET = [
 
 @pytest.mark.slow
 def test_fit_fast_dev_run_cfg_distillation_from_the_cli(tmp_path: Path) -> None:
-    """pretrain a class-conditional teacher (label dropout), then distill it with CFG."""
+    """pretrain a class-conditional teacher (label dropout) with the bundled conditional
+    teacher's recipe, then distill it with CFG by ``experiment=digits_cond_scd``."""
     teacher = tmp_path / "teacher"
     res = run_cli(
-        "pretrain", "debug=fdr", "data.conditional=true", "net.num_classes=10",
-        "label_dropout=0.1", f"export_dir={teacher}", f"run_dir={tmp_path / 'pre'}",
-        "eval.teacher_nfes=[2]", "eval.teacher_grids=[t_mid]", *TINY_NET, cwd=tmp_path,
+        "pretrain", "debug=fdr", "experiment=digits_cond_teacher", f"export_dir={teacher}",
+        f"run_dir={tmp_path / 'pre'}", "eval.teacher_nfes=[2]", "eval.teacher_grids=[t_mid]",
+        *TINY_NET, cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    resolved = (tmp_path / "pre" / "config.yaml").read_text()
+    assert "label_dropout: 0.1" in resolved and "num_classes: 10" in resolved
     run = tmp_path / "fit"
     res = run_cli(
-        "fit", "debug=fdr", "teacher=diffusers", f"teacher.path={teacher}",
-        "data.conditional=true", "student.guidance_embedding=true",
-        "student.guidance_scale_range=[1,2]", "student.uncond_label=10",
+        "fit", "debug=fdr", "experiment=digits_cond_scd", f"teacher.path={teacher}",
         "eval.teacher_nfes=[2]", f"run_dir={run}", cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]

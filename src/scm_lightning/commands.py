@@ -8,7 +8,10 @@ ones. ``ckpt`` is a Lightning checkpoint of ``fit``/``pretrain`` (read by
 
 Metrics of ``evaluate`` (all on the features of ``feature``, default the run's ``eval.feature``
 with ``eval.feature_weights``): FD (Fréchet distance, :mod:`metrics.frechet`), KID and k-NN
-precision/recall (torch-fidelity, through :mod:`metrics.quality`).
+precision/recall (torch-fidelity, through :mod:`metrics.quality`); for a class-conditional
+digits model also the class accuracy of the bundled digits classifier on the samples, overall
+and per class (:func:`metrics.quality.class_accuracy`; ``classifier=``). ``guidances=[1,1.5,2]``
+scores a guidance-distilled student and its guided teacher once per CFG scale.
 
 Class-conditional models sample with labels drawn per batch from the sampling RNG by
 :func:`sampling.draw_class_labels` (the run's ``eval.labels``: uniform or the data's label
@@ -64,6 +67,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "feature_weights": None,
         "t_mid": None,
         "guidance": None,
+        "guidances": None,  # several CFG scales s: every row once per s (guidance= is one)
+        "classifier": "auto",  # class accuracy of conditional samples: auto | digits | none
         "kid_subsets": 100,
         "kid_subset_size": 1000,
         "pr_k": 3,
@@ -385,6 +390,59 @@ def _fid_history(ckpt: dict[str, Any], ckpt_path: Path | None, run_dir: Path | N
     return [entries[k] for k in sorted(entries)]
 
 
+def _guidances(opts: dict[str, Any]) -> list[float | None]:
+    """The CFG scales to score: ``guidances=[...]``, else ``[guidance]`` (None: the run's own)."""
+    many, one = opts.get("guidances"), opts.get("guidance")
+    if many is None:
+        return [None if one is None else _scale(one, "guidance")]
+    if one is not None:
+        raise ConfigError(
+            f"guidance={one!r} and guidances={many!r} both given: expected one of them"
+        )
+    if not isinstance(many, list) or not many:
+        raise ConfigError(f"guidances={many!r} is invalid: expected a list of CFG scales >= 0")
+    return [_scale(s, "guidances") for s in many]
+
+
+def _scale(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{key}={value!r} is invalid: expected CFG scales, numbers >= 0")
+    return float(value)
+
+
+def _classifier(opts: dict[str, Any], cfg: Any, num_classes: int | None, device: torch.device):
+    """The digits classifier scoring class accuracy, or None (``classifier=auto|digits|none``:
+    auto uses it for a class-conditional model of the digits data)."""
+    from scm_lightning.metrics.features import load_digits_classifier
+
+    choice = _classifier_choice(opts)
+    digits = str(cfg.data.get("_target_", "")).endswith("digits.DigitsDataModule")
+    if choice == "digits" and not (digits and num_classes):
+        raise ConfigError(
+            "classifier='digits' is invalid: class accuracy needs a class-conditional model of "
+            f"the digits data (this run: data {cfg.data.get('_target_')}, "
+            f"num_classes={num_classes})"
+        )
+    if choice == "none" or not (digits and num_classes):
+        return None
+    return load_digits_classifier(device=device)
+
+
+def _classifier_choice(opts: dict[str, Any]) -> str:
+    choice = str(opts["classifier"])
+    if choice not in ("auto", "digits", "none"):
+        raise ConfigError(f"classifier={choice!r} is invalid: expected auto, digits or none")
+    return choice
+
+
+def _predicted_classes(classifier: Any, images: Tensor, batch: int, device: torch.device):
+    """The classifier's argmax ``(N,)`` on images ``(N, C, H, W)`` in ``[-1, 1]``."""
+    with torch.no_grad():
+        return torch.cat(
+            [classifier.logits(x.to(device)).argmax(1).cpu() for x in images.split(batch)]
+        )
+
+
 def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     """Student at ``nfes`` and teacher at ``teacher_nfes``: FD/KID/precision/recall -> JSON."""
     from rich.console import Console
@@ -396,6 +454,8 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
 
     ckpt_path = Path(str(opts["ckpt"]))
     device = _device(opts)
+    guidances = _guidances(opts)  # malformed options fail before anything is loaded
+    _classifier_choice(opts)
     pipe = None  # an exported folder instead of a checkpoint
     if ckpt_path.is_dir():
         pipe = _load_folder(ckpt_path, opts)
@@ -443,6 +503,7 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
         _int(opts, "seed", 0),
     )
     feature_net = _feature_net(opts, cfg, device)
+    classifier = _classifier(opts, cfg, num_classes, device)
     ref_images = dm.reference_images(num)
     ref = _features(feature_net, ref_images, batch, device)
     probs = _label_probs(cfg, dm, num_classes)
@@ -453,60 +514,79 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
 
-    def score(model: str, sampler_name: str, nfe: int, sampler: Callable[..., Tensor]) -> None:
+    # guidances [None]: the run's own scale (eval.guidance) for a CFG student, else none.
+    takes_guidance = distill and (
+        pipe.accepts_guidance if pipe is not None else module.student_takes_guidance
+    )
+    given = next((s for s in guidances if s is not None), None)
+    if given is not None and not takes_guidance:
+        key = "guidances" if opts.get("guidances") is not None else "guidance"
+        raise ConfigError(
+            f"{key}={opts[key]!r} given but the "
+            + ("student has no guidance input" if distill else "checkpoint is a pretrain model")
+            + " (guidance needs a CFG-distilled student: experiment=digits_cond_scd)"
+        )
+    run_guidance = float(cfg.eval.get("guidance", 1.0)) if takes_guidance else None
+
+    def score(
+        model: str, sampler_name: str, nfe: int, sampler: Callable[..., Tensor], s: float | None
+    ) -> None:
+        from scm_lightning.metrics.quality import class_accuracy
         from scm_lightning.progress import progress
 
-        with progress(f"{model} {sampler_name} nfe={nfe}", num) as advance:
+        label = f"{model} {sampler_name} nfe={nfe}" + ("" if s is None else f" s={s:g}")
+        with progress(label, num) as advance:
 
             def counted(n: int, g: torch.Generator, lab: Tensor | None) -> Tensor:
                 images = sampler(n, g, lab)
                 advance(n)
                 return images
 
-            images, _ = _batched(
+            images, labels = _batched(
                 counted, num, batch, seed, None, device, num_classes, probs, prompts
             )
-        rows.append(
-            {
-                "model": model,
-                "sampler": sampler_name,
-                "nfe": nfe,
-                **_scores(_features(feature_net, images, batch, device), ref, opts, seed),
-            }
-        )
-
-    if distill:
-        takes_guidance = (
-            pipe.accepts_guidance if pipe is not None else module.student_takes_guidance
-        )
-        if opts.get("guidance") is not None and not takes_guidance:
-            raise ConfigError(
-                f"guidance={opts['guidance']} given but the student has no guidance input"
+        row = {"model": model, "sampler": sampler_name, "nfe": nfe}
+        if s is not None:
+            row["guidance"] = s
+        row.update(_scores(_features(feature_net, images, batch, device), ref, opts, seed))
+        if classifier is not None and labels is not None:
+            predicted = _predicted_classes(classifier, images, batch, device)
+            row["class_accuracy"], row["per_class_accuracy"] = class_accuracy(
+                predicted, labels, int(num_classes)
             )
-        decode = pipe.decode_latents if pipe is not None else None
-        teacher_sample = _teacher_sampler(module, cfg, device, decode) if teacher_nfes else None
-        for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
-            for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
-                score(
-                    "teacher",
-                    teacher_sampler_name(nfe, grid),
-                    nfe,
-                    lambda n, g, lab, nfe=nfe, grid=grid: teacher_sample(
-                        n, nfe, g, lab, grid, opts.get("guidance")
-                    ),
-                )
-    if pipe is not None:
-        for nfe in student_nfes:
-            score("student", "consistency", nfe, _folder_sampler(pipe, opts, nfe))
-    else:
+        rows.append(row)
+
+    decode = pipe.decode_latents if pipe is not None else None  # a latent export's teacher rows
+    teacher_sample = (
+        _teacher_sampler(module, cfg, device, decode) if distill and teacher_nfes else None
+    )
+    for guidance in guidances:
+        s = run_guidance if guidance is None else guidance  # exported folders: no default
+        at_s = {**opts, "guidance": s}
+        if teacher_sample is not None:
+            for nfe in teacher_nfes:  # the frozen teacher: EMA does not apply
+                for grid in grids if nfe > 1 else grids[:1]:  # 1 NFE: every grid is [t_max, 0]
+                    score(
+                        "teacher",
+                        teacher_sampler_name(nfe, grid),
+                        nfe,
+                        lambda n, g, lab, nfe=nfe, grid=grid, s=s: teacher_sample(
+                            n, nfe, g, lab, grid, s
+                        ),
+                        s,
+                    )
+        if pipe is not None:
+            for nfe in student_nfes:
+                score("student", "consistency", nfe, _folder_sampler(pipe, at_s, nfe), s)
+            continue
         with ema_swapped(module, ckpt, profile):
             for nfe in student_nfes if distill else teacher_nfes:
                 if distill:
-                    score("student", "consistency", nfe, make_sampler(module, opts, nfe))
+                    score("student", "consistency", nfe, make_sampler(module, at_s, nfe), s)
                     continue
                 for grid in grids if nfe > 1 else grids[:1]:  # a pretrain model is a teacher
-                    sampler = make_sampler(module, opts, nfe, grid)
-                    score("model", teacher_sampler_name(nfe, grid), nfe, sampler)
+                    sampler = make_sampler(module, at_s, nfe, grid)
+                    score("model", teacher_sampler_name(nfe, grid), nfe, sampler, s)
     best = _mark_best_grids(rows)
 
     run_dir = Path(str(cfg.run_dir)) if cfg.get("run_dir") else None
@@ -543,17 +623,23 @@ def evaluate_command(opts: dict[str, Any]) -> dict[str, Any]:
     path = out / "evaluation.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title=f"{result['feature']}: {num} samples vs {ref.shape[0]} training images")
-    for col in ("model", "sampler", "NFE", "FD ↓", "KID ↓", "precision ↑", "recall ↑"):
+    with_s = any("guidance" in r for r in rows)
+    with_acc = any("class_accuracy" in r for r in rows)
+    columns = ["model", "sampler", "NFE", *(["s"] if with_s else [])]
+    columns += ["FD ↓", "KID ↓", "precision ↑", "recall ↑", *(["class acc ↑"] if with_acc else [])]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("model", "sampler") else "right")
     for r in rows:
         table.add_row(
             r["model"],
             r["sampler"] + (" (best)" if r["best"] and r["sampler"] != "consistency" else ""),
             str(r["nfe"]),
+            *([f"{r['guidance']:g}" if "guidance" in r else "-"] if with_s else []),
             f"{r['fd']:.4f}",
             f"{r['kid']:.5f} ± {r['kid_std']:.5f}",
             f"{r['precision']:.3f}",
             f"{r['recall']:.3f}",
+            *([f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"] if with_acc else []),
         )
     Console().print(table)
     print(f"wrote {path}" + (f" and {plot}" if plot else ""), flush=True)
@@ -660,14 +746,19 @@ def _mark_best_grids(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Flag the lowest-FD grid of each PF-ODE (teacher/model) NFE: ``row["best"]``, and return
     ``{"teacher_nfe2": {"sampler": "ddim/t_mid", "fd": ...}, ...}``."""
     best: dict[str, dict[str, Any]] = {}
+
+    def key_of(row: dict[str, Any]) -> str:  # one best grid per CFG scale: ..._nfe2_s1.5
+        s = row.get("guidance")
+        return f"{row['model']}_nfe{row['nfe']}" + ("" if s is None else f"_s{s:g}")
+
     for row in rows:
         if row["sampler"] == "consistency":
             continue
-        key = f"{row['model']}_nfe{row['nfe']}"
+        key = key_of(row)
         if key not in best or row["fd"] < best[key]["fd"]:
             best[key] = {"sampler": row["sampler"], "fd": row["fd"]}
     for row in rows:
-        key = f"{row['model']}_nfe{row['nfe']}"
+        key = key_of(row)
         row["best"] = key in best and best[key]["sampler"] == row["sampler"]
     return best
 

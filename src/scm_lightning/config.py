@@ -492,6 +492,14 @@ def _validate_guidance(cfg: DictConfig) -> None:
             "false without student.guidance_scale_range (the scales s to train the input on; "
             "e.g. 'student.guidance_scale_range=[1,2]')",
         )
+        s = _get(cfg, "eval.guidance")  # would be ignored: no guided teacher, no guidance input
+        _check(
+            s is None or (not isinstance(s, bool) and s == 1),
+            "eval.guidance",
+            s,
+            "1 unless the student is CFG-distilled (student.guidance_scale_range; "
+            "experiment=digits_cond_scd)",
+        )
         return
     _check(
         bool(embedding),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 ASSETS = {
     "digits_teacher": "digits_teacher",  # diffusers folder: TrigFlowUNet + scheduler config
+    "digits_cond_teacher": "digits_cond_teacher",  # the same, 10 classes + the CFG null class
     "digits_classifier": "digits_classifier.safetensors",
     "digits_vae": "digits_vae",  # AutoencoderKL: 1×32×32 digits <-> 4×8×8 latents
     "digits_latent_teacher": "digits_latent_teacher",  # TrigFlowUNet on those latents (+ vae/)

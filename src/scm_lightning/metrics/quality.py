@@ -1,4 +1,5 @@
-"""Sample-set metrics beyond FD: KID and k-NN precision/recall, computed by torch-fidelity.
+"""Sample-set metrics beyond FD: KID and k-NN precision/recall, computed by torch-fidelity,
+and the class accuracy of class-conditional samples.
 
 Features are ``(N, D)`` tensors from a feature network (``metrics.features``). These wrappers
 only fit the arguments (subset size at most the sample counts, one-line errors for too few
@@ -61,3 +62,31 @@ def precision_recall(gen: Tensor, ref: Tensor, k: int = 3) -> tuple[float, float
         verbose=False,
     )
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
+
+
+def class_accuracy(
+    predicted: Tensor, labels: Tensor, num_classes: int
+) -> tuple[float, list[float]]:
+    """Does a class-conditional model draw the class it was asked for?
+
+    ``predicted`` ``(N,)``: a classifier's argmax on the samples (e.g. the bundled
+    :class:`~scm_lightning.metrics.features.DigitsClassifier`'s ``logits``); ``labels`` ``(N,)``:
+    the classes the samples were drawn for, in ``[0, num_classes)``. Returns the overall
+    fraction correct and the per-class fractions ``[acc_0, …, acc_{K−1}]`` (NaN for a class
+    that was never asked for).
+    """
+    predicted, labels = predicted.long().flatten().cpu(), labels.long().flatten().cpu()
+    if predicted.shape != labels.shape or predicted.numel() == 0:
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)} and labels {tuple(labels.shape)} must be "
+            "non-empty and of the same length"
+        )
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}"
+        )
+    correct = (predicted == labels).double()
+    asked = torch.bincount(labels, minlength=num_classes).double()
+    hits = torch.bincount(labels, weights=correct, minlength=num_classes)
+    per_class = torch.where(asked > 0, hits / asked.clamp(min=1), torch.nan)
+    return float(correct.mean()), [float(a) for a in per_class]
