@@ -858,34 +858,34 @@ def main(argv: list[str] | None = None) -> None:
         print("teacher", flush=True)
         for seed in seeds:
             run_teacher(st, out, seed, args.force)
-    groups = {"students": STUDENTS, "dscm": DSCM, "vsd": VSD}
-    if "cost" in parts and "students" not in parts:
-        groups_to_run = {"sCD": STUDENTS["sCD"]}  # the cost part reads the sCD runs
-        print("cost (sCD runs)", flush=True)
-        run_entries(groups_to_run, st, out, seeds, args.force)
-        if not (out / "runs" / "teacher").is_dir():
-            run_teacher(st, out, seeds[0], args.force)
-    for part, entries in groups.items():
-        if part in parts:
-            print(part, flush=True)
-            res = run_entries(entries, st, out, seeds, args.force)
-            skipped.update({k: v["skipped"] for k, v in res.items() if "skipped" in v})
+    # What to train: the selected parts' entries (the cost part reads the sCD runs; the
+    # ablations compare against them). Seed-major, so a study cut short has every entry at
+    # its first seeds rather than some entries at all seeds and others at none.
+    entries: dict[str, list[str]] = {}
+    if "students" in parts or "cost" in parts or "ablations" in parts:
+        entries["sCD"] = STUDENTS["sCD"]
+    if "students" in parts:
+        entries.update(STUDENTS)
+    if "dscm" in parts:
+        entries.update(DSCM)
+    if "vsd" in parts:
+        entries.update(VSD)
     if "ablations" in parts:
-        print("ablations", flush=True)
-        run_entries({"sCD": STUDENTS["sCD"]}, st, out, seeds, args.force)  # the default
-        res = run_entries(ABLATIONS, st, out, seeds, args.force)
-        skipped.update({k: v["skipped"] for k, v in res.items() if "skipped" in v})
+        entries.update(ABLATIONS)
         try:
             folder, prepared, _ = edm_teacher(st, out, args.force)
-            conditioning = {
-                CONDITIONING[0]: [f"teacher.path={folder}"],
-                CONDITIONING[1]: [f"teacher.path={prepared}"],
-            }
-            run_entries(conditioning, st, out, seeds, args.force)
+            entries[CONDITIONING[0]] = [f"teacher.path={folder}"]
+            entries[CONDITIONING[1]] = [f"teacher.path={prepared}"]
         except Exception as err:  # reported, not fatal: the other ablations stand
             traceback.print_exc()
             for name in CONDITIONING:
                 skipped[name] = f"EDM teacher failed: {type(err).__name__}: {err}"
+    if "cost" in parts and not (out / "runs" / "teacher").is_dir():
+        run_teacher(st, out, seeds[0], args.force)  # the teacher's best FD
+    for seed in seeds:
+        print(f"seed {seed}", flush=True)
+        res = run_entries(entries, st, out, [seed], args.force)
+        skipped.update({k: v["skipped"] for k, v in res.items() if "skipped" in v})
     print(report(out, st, seeds, skipped, time.perf_counter() - start), flush=True)
 
 
