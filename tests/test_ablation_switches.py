@@ -117,3 +117,6 @@ def test_every_switch_reaches_the_loss_config(tmp_path) -> None:
         0.5,
         False,
     )
+    # without adaptive weighting the w_φ head is frozen: not optimised, no unused DDP params
+    assert not any(p.requires_grad for p in module.student.logvar.parameters())
+    assert any(p.requires_grad for p in module.student.net.parameters())

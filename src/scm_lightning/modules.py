@@ -285,6 +285,8 @@ class DistillationModule(_TrigFlowModule):
             logvar_channels=logvar_channels,
             dropout=student_dropout,
         )
+        if not self.loss_cfg.adaptive_weighting:  # w ≡ 0: the head is frozen, never optimised
+            self.student.logvar.requires_grad_(False)  # (and DDP sees no unused parameter)
         if jvp_attention:
             # Flash-style attention with an O(L) forward-mode rule for the student's JVP pass;
             # same architecture and weights, fused SDPA when no tangent is present (jvp/).
