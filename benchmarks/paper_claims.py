@@ -118,6 +118,8 @@ def fmt(values: list[float], digits: int = 2) -> str:
     m, s = mean_std(values)
     if math.isnan(m):
         return "–"
+    if sum(map(math.isfinite, values)) == 1 and len(values) == 1:
+        return f"{m:.{digits}f}"  # one seed: no spread to show
     extra = (
         f" ({len(values) - sum(map(math.isfinite, values))} non-finite)"
         if any(not math.isfinite(v) for v in values)
