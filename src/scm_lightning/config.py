@@ -236,6 +236,7 @@ LOSS_KEYS = {
     "mode", "sigma_data", "p_mean", "p_std", "tangent_norm_c", "spatially_invariant_norm",
     "prior_weighting", "warmup_steps", "t_mid", "jvp_precision", "fast_jvp",
     *("vsd_p_mean", "vsd_p_std", "vsd_sigma_max", "vsd_weight", "fake_score_lr"),  # loss/vsd
+    "tangent_normalization", "tangent_clip", "adaptive_weighting", "num_intervals",
 }  # fmt: skip
 VSD_MODES = ("vsd", "scd_vsd")  # adaptive VSD, sCD + VSD (spec §3c): two alternating optimisers
 STUDENT_KEYS = {
@@ -359,7 +360,7 @@ def _validate_loss(cfg: DictConfig) -> None:
     from scm_lightning import trigflow
 
     _known_keys(cfg, "loss", LOSS_KEYS)
-    _choice(cfg, "loss.mode", ("scd", "sct", *VSD_MODES))
+    _choice(cfg, "loss.mode", ("scd", "sct", "dscm", *VSD_MODES))
     _num(cfg, "loss.sigma_data", 0, strict=True)
     _num(cfg, "loss.p_mean")
     _num(cfg, "loss.p_std", 0, strict=True)
@@ -369,6 +370,29 @@ def _validate_loss(cfg: DictConfig) -> None:
     _bool(cfg, "loss.fast_jvp")
     _choice(cfg, "loss.prior_weighting", ("none", "inv_sigma"))
     _choice(cfg, "loss.jvp_precision", (None, "32", "64", "bf16", "16", 32, 64, 16))
+    # Ablation switches (absent in configs saved before them: the defaults apply).
+    if "tangent_normalization" in cfg.loss:
+        _choice(cfg, "loss.tangent_normalization", ("norm", "clip", "none"))
+    if "tangent_clip" in cfg.loss:
+        _num(cfg, "loss.tangent_clip", 0, strict=True)
+    if "adaptive_weighting" in cfg.loss:
+        _bool(cfg, "loss.adaptive_weighting")
+    if _get(cfg, "loss.mode") == "dscm":
+        _int(cfg, "loss.num_intervals", 1)
+        _check(
+            _get(cfg, "loss.jvp_precision") is None,
+            "loss.jvp_precision",
+            _get(cfg, "loss.jvp_precision"),
+            "null with loss.mode='dscm': dsCM takes a finite difference, no JVP",
+        )
+    else:
+        _check(
+            cfg.loss.get("num_intervals") is None,
+            "loss.num_intervals",
+            cfg.loss.get("num_intervals"),
+            f"null with loss.mode={_get(cfg, 'loss.mode')!r}: grid intervals are dsCM's "
+            "(loss=dscm)",
+        )
     t_max = trigflow.t_max_from_sigma_max(sigma_data=float(cfg.loss.sigma_data))
     t_mid = _get(cfg, "loss.t_mid")
     _check(

@@ -27,6 +27,8 @@ StudentJVP = Callable[..., tuple[Tensor, Tensor]]  # rearranged_jvp's signature
 
 log = logging.getLogger(__name__)
 
+TANGENT_NORMALIZATIONS = ("norm", "clip", "none")
+
 
 @dataclass(frozen=True)
 class SCMLossConfig:
@@ -38,6 +40,12 @@ class SCMLossConfig:
     tangent_norm_c: float = 0.1  # c in g/(‖g‖ + c)
     spatially_invariant_norm: bool = False  # divide ‖g‖ by √D (not in the paper; off)
     prior_weighting: str = "none"  # "none" | "inv_sigma" (extra 1/(σ_d tan t); spec §3 note)
+    # Ablations of §4.2's stabilisers: "norm" g/(‖g‖ + c) | "clip" g clamped elementwise to
+    # [−tangent_clip, tangent_clip] (the paper's alternative) | "none" (raw g).
+    tangent_normalization: str = "norm"
+    tangent_clip: float = 1.0
+    adaptive_weighting: bool = True  # False: w ≡ 0, the loss is ‖F_θ − F⁻ − g‖²/D
+    num_intervals: int | None = None  # dsCM (spec §3b): N intervals of the EDM grid
     jvp_dtype: torch.dtype | None = None  # None: inherit run precision
     fast_jvp: bool = True  # lean conv/linear/GroupNorm forward-AD rules (jvp/fast.py)
     # One pass: the JVP's primal (with grad) is F_θ for the loss, saving the student forward.
@@ -56,6 +64,15 @@ class SCMLossConfig:
             raise ValueError(
                 f"loss.prior_weighting must be 'none' or 'inv_sigma', got {self.prior_weighting!r}"
             )
+        if self.tangent_normalization not in TANGENT_NORMALIZATIONS:
+            raise ValueError(
+                f"loss.tangent_normalization must be one of {TANGENT_NORMALIZATIONS}, "
+                f"got {self.tangent_normalization!r}"
+            )
+        if not self.tangent_clip > 0:
+            raise ValueError(f"loss.tangent_clip must be > 0, got {self.tangent_clip}")
+        if self.num_intervals is not None and not self.num_intervals >= 1:
+            raise ValueError(f"loss.num_intervals must be >= 1, got {self.num_intervals}")
 
 
 @dataclass
@@ -259,6 +276,15 @@ def normalize_tangent(
     return g / (expand_like(norm, g) + c), norm
 
 
+def condition_tangent(g: Tensor, cfg: SCMLossConfig) -> Tensor:
+    """The tangent the loss regresses onto: normalised (default), clipped or raw (§4.2)."""
+    if cfg.tangent_normalization == "norm":
+        return normalize_tangent(g, cfg.tangent_norm_c, cfg.spatially_invariant_norm)[0]
+    if cfg.tangent_normalization == "clip":
+        return g.clamp(-cfg.tangent_clip, cfg.tangent_clip)
+    return g
+
+
 def adaptive_weighted_loss(
     residual_sq: Tensor, logvar: Tensor, num_elements: int, prior: Tensor | None = None
 ) -> Tensor:
@@ -331,26 +357,42 @@ def scm_loss(
         )
     F_minus, dF = F_out.detach(), dF.detach()
     g = scm_tangent(x_t, t, F_minus, dF, dxdt, sd, r)
+    if reuse:
+        F_theta = F_out  # F_θ and F⁻ are one forward: equal values, grad through F_θ only
+    else:
+        with same_rng(seed, x0.device):
+            F_theta = student(x_t / sd, t, class_labels, guidance)
+    return weighted_consistency_loss(student, F_theta, F_minus, g, t, cfg)
+
+
+def weighted_consistency_loss(
+    student: nn.Module, F_theta: Tensor, F_minus: Tensor, g: Tensor, t: Tensor, cfg: SCMLossConfig
+) -> SCMLossOutput:
+    """The loss of Alg. 1 from a raw tangent ``g``: condition it, mask non-finite samples, then
+    ``λ·(exp(w)/D·‖F_θ − F⁻ − g‖² − w)``; shared by sCD/sCT and dsCM (spec §3, §3b).
+
+    ``F_theta`` carries the gradient; ``F_minus`` and ``g`` are stop-gradient; shapes
+    ``(B, C, H, W)``; ``t`` ``(B,)`` radians.
+    """
+    sd, batch = cfg.sigma_data, F_theta.shape[0]
     g_raw_norm = g.flatten(1).norm(dim=1)
-    g, _ = normalize_tangent(g, cfg.tangent_norm_c, cfg.spatially_invariant_norm)
+    g = condition_tangent(g, cfg)
 
     # Non-finite teacher velocity, F⁻ or tangent for a sample: drop it from this step (spec §3).
     finite = torch.isfinite(g).flatten(1).all(1) & torch.isfinite(F_minus).flatten(1).all(1)
     g = torch.where(expand_like(finite, g), g, torch.zeros_like(g))
     F_minus = torch.where(expand_like(finite, F_minus), F_minus, torch.zeros_like(F_minus))
 
-    if reuse:
-        F_theta = F_out  # F_θ and F⁻ are one forward: equal values, grad through F_θ only
-    else:
-        with same_rng(seed, x0.device):
-            F_theta = student(x_t / sd, t, class_labels, guidance)
-    logvar = student.logvar(t).float()
+    if cfg.adaptive_weighting:
+        logvar = student.logvar(t).float()
+    else:  # ablation: w ≡ 0, the head is never called
+        logvar = torch.zeros(batch, device=F_theta.device)
     target = (F_minus.to(g.dtype) + g).detach()
     # where() (not a product) so a masked sample's inf/nan cannot leak into the gradient.
     diff = torch.where(expand_like(finite, g), F_theta.to(g.dtype) - target, 0.0)
     residual_sq = per_sample_sq_norm(diff)
     prior = 1.0 / (sd * torch.tan(t.to(g.dtype))) if cfg.prior_weighting == "inv_sigma" else None
-    per_sample = adaptive_weighted_loss(residual_sq, logvar, x0[0].numel(), prior)
+    per_sample = adaptive_weighted_loss(residual_sq, logvar, F_theta[0].numel(), prior)
     per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
     count = finite.sum()
     loss = per_sample.sum() / count.clamp(min=1)
@@ -363,6 +405,86 @@ def scm_loss(
         logvar=logvar.detach().mean(),
         per_sample=per_sample.detach(),
     )
+
+
+def dscm_tangent(
+    x_t: Tensor,
+    t: Tensor,
+    t_prev: Tensor,
+    F_minus: Tensor,
+    F_minus_prev: Tensor,
+    dxdt: Tensor,
+    sigma_data: float,
+    r: float,
+) -> Tensor:
+    """dsCM's finite-difference tangent ``g = cos t·Δ`` (App. E, spec §3b).
+
+    ``Δ = −cos t'·(σ_d F⁻ − dxdt) − r·sin t'·(x_t + σ_d·[cos(t−t')·F⁻ − F⁻']/sin(t−t'))``,
+    the difference quotient ``(f⁻(x_t,t) − f⁻(x_{t'},t'))/sin(t−t')`` split like Eq. 6.
+    ``F_minus = F⁻(x_t/σ_d, t)``, ``F_minus_prev = F⁻(x_{t'}/σ_d, t')`` with ``x_{t'}`` the
+    teacher's DDIM step, ``dxdt = σ_d·F_teacher(x_t/σ_d, t)`` (data units); ``t > t_prev``
+    ``(B,)`` radians. Tends to :func:`scm_tangent` as t' → t. Float32 or better.
+    """
+    dtype = torch.promote_types(torch.float32, x_t.dtype)
+    t64, tp64 = t.to(torch.float64), t_prev.to(torch.float64)
+    # Coefficients in float64: t − t' is tiny on fine grids (N = 1024 near σ_min).
+    cos_t, cos_tp, sin_tp = (
+        expand_like(c.to(dtype), x_t) for c in (t64.cos(), tp64.cos(), tp64.sin())
+    )
+    cos_d, sin_d = (expand_like(c.to(dtype), x_t) for c in ((t64 - tp64).cos(), (t64 - tp64).sin()))
+    F_minus, F_minus_prev, dxdt, x_t = (a.to(dtype) for a in (F_minus, F_minus_prev, dxdt, x_t))
+    difference = sigma_data * (cos_d * F_minus - F_minus_prev) / sin_d
+    delta = -cos_tp * (sigma_data * F_minus - dxdt) - r * sin_tp * (x_t + difference)
+    return cos_t * delta
+
+
+def dscm_loss(
+    student: nn.Module,
+    x0: Tensor,
+    cfg: SCMLossConfig,
+    r: float,
+    teacher: TrigFlowFn,
+    class_labels: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SCMLossOutput:
+    """One discrete-time sCM (dsCM) loss evaluation, spec §3b (App. E).
+
+    ``t = t_i`` with i drawn from the proposal discretised onto the ``cfg.num_intervals``
+    grid, ``x_{t'}`` one teacher DDIM step to ``t' = t_{i−1}``, the finite-difference tangent
+    (:func:`dscm_tangent`), then the normalisation and adaptive weighting of sCD. ``x0``
+    ``(B, C, H, W)`` data units; ``r`` tangent warmup factor.
+    """
+    if cfg.num_intervals is None:
+        raise ValueError("dsCM needs loss.num_intervals (the number N of grid intervals)")
+    sd, batch = cfg.sigma_data, x0.shape[0]
+    grid = trigflow.dscm_time_grid(cfg.num_intervals, sd).to(x0.device)
+    draw = trigflow.sample_time(
+        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=x0.device, dtype=torch.float64
+    )  # Alg. 1 proposal, then onto the grid
+    i = trigflow.sample_grid_index(draw, grid)
+    t64, t_prev64 = grid[i], grid[i - 1]
+    t_net = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    t, t_prev = t64.to(t_net), t_prev64.to(t_net)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sd
+    x_t = trigflow.add_noise(x0, z, t64).to(x0.dtype)
+
+    with torch.no_grad():
+        F_teacher = teacher(x_t / sd, t, class_labels, None)
+        dxdt = (sd * F_teacher).to(x0.dtype)
+        x_prev = trigflow.ddim_step(x_t, t64, t_prev64, F_teacher, sd).to(x0.dtype)
+
+    seed = (
+        int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device))
+        if has_active_dropout(student)
+        else None
+    )
+    with same_rng(seed, x0.device):  # F_θ (with grad; F⁻ is its value) and F⁻' share masks
+        F_theta = student(x_t / sd, t, class_labels, None)
+    with torch.no_grad(), same_rng(seed, x0.device):
+        F_minus_prev = student(x_prev / sd, t_prev, class_labels, None)
+    F_minus = F_theta.detach()
+    g = dscm_tangent(x_t, t64, t_prev64, F_minus, F_minus_prev, dxdt, sd, r)
+    return weighted_consistency_loss(student, F_theta, F_minus, g, t, cfg)
 
 
 def diffusion_loss(

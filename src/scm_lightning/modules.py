@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from scm_lightning import sampling
 from scm_lightning.losses import (
     SCMLossConfig,
+    SCMLossOutput,
     StudentJVP,
     VSDLossConfig,
     compiled_rearranged_jvp,
     diffusion_loss,
+    dscm_loss,
     fake_score_loss,
     rearranged_jvp,
     scm_loss,
@@ -251,7 +253,7 @@ class DistillationModule(_TrigFlowModule):
         teacher: frozen TrigFlow teacher (not saved in checkpoints; rebuilt from its source).
         image_shape: ``(C, H, W)`` of one sample.
         loss: :class:`SCMLossConfig` fields.
-        mode: ``"scd"`` or ``"sct"``.
+        mode: ``"scd"``, ``"sct"`` or ``"dscm"`` (discrete-time, spec §3b; ``loss.num_intervals``).
         student_guidance_embedding: give the student a zero-initialised CFG-scale input.
         guidance_scale_range: ``(s_min, s_max)`` for CFG distillation (``s ~ U``), or None.
         uncond_label: the teacher's null class (the unconditional branch of CFG).
@@ -284,8 +286,8 @@ class DistillationModule(_TrigFlowModule):
         uncond_condition: TextCondition | None = None,
     ) -> None:
         super().__init__(image_shape, optimizer, lr_scheduler, seed, max_bad_steps)
-        if mode not in ("scd", "sct"):
-            raise ValueError(f"mode must be 'scd' or 'sct', got {mode!r}")
+        if mode not in ("scd", "sct", "dscm"):
+            raise ValueError(f"mode must be 'scd', 'sct' or 'dscm', got {mode!r}")
         self.mode = mode
         self.loss_cfg = loss if isinstance(loss, SCMLossConfig) else SCMLossConfig(**(loss or {}))
         if abs(self.loss_cfg.sigma_data - teacher.sigma_data) > 1e-12:
@@ -300,6 +302,8 @@ class DistillationModule(_TrigFlowModule):
             logvar_channels=logvar_channels,
             dropout=student_dropout,
         )
+        if not self.loss_cfg.adaptive_weighting:  # w ≡ 0: the head is frozen, never optimised
+            self.student.logvar.requires_grad_(False)  # (and DDP sees no unused parameter)
         if jvp_attention:
             # Flash-style attention with an O(L) forward-mode rule for the student's JVP pass;
             # same architecture and weights, fused SDPA when no tangent is present (jvp/).
@@ -410,6 +414,31 @@ class DistillationModule(_TrigFlowModule):
 
         return teacher_velocity
 
+    def _loss(
+        self,
+        x0: Tensor,
+        r: float,
+        class_labels: Tensor | None,
+        guidance: Tensor | None,
+        teacher_velocity: Callable[[Tensor, Tensor], Tensor] | None,
+        gen: torch.Generator,
+    ) -> SCMLossOutput:
+        """This module's objective: dsCM (spec §3b) or sCD/sCT (Algorithm 1)."""
+        if self.mode == "dscm":
+            return dscm_loss(self.student, x0, self.loss_cfg, r, self.teacher, class_labels, gen)
+        return scm_loss(
+            self.student,
+            x0,
+            self.loss_cfg,
+            r=r,
+            teacher=self.teacher if self.mode == "scd" else None,
+            class_labels=class_labels,
+            guidance=guidance,
+            teacher_guidance=teacher_velocity,
+            generator=gen,
+            student_jvp=self.student_jvp,
+        )
+
     @property
     def student_takes_guidance(self) -> bool:
         """Whether the student's network has a CFG-scale input (it then needs an s per call)."""
@@ -421,18 +450,7 @@ class DistillationModule(_TrigFlowModule):
         class_labels = labels if self.student.conditional else None
         guidance = self._guidance(x0.shape[0], gen)
         teacher_velocity = self._guided_teacher_velocity(class_labels, guidance)
-        out = scm_loss(
-            self.student,
-            x0,
-            self.loss_cfg,
-            r=self.tangent_warmup_r,
-            teacher=self.teacher if self.mode == "scd" else None,
-            class_labels=class_labels,
-            guidance=guidance,
-            teacher_guidance=teacher_velocity,
-            generator=gen,
-            student_jvp=self.student_jvp,
-        )
+        out = self._loss(x0, self.tangent_warmup_r, class_labels, guidance, teacher_velocity, gen)
         self.log_dict(
             {
                 "train/loss": out.loss.detach(),
@@ -456,18 +474,8 @@ class DistillationModule(_TrigFlowModule):
         class_labels = labels if self.student.conditional else None
         guidance = self._guidance(x0.shape[0], gen)  # s drawn as in training
         with torch.no_grad():
-            out = scm_loss(
-                self.student,
-                x0,
-                self.loss_cfg,
-                r=1.0,
-                teacher=self.teacher if self.mode == "scd" else None,
-                class_labels=class_labels,
-                guidance=guidance,
-                teacher_guidance=self._guided_teacher_velocity(class_labels, guidance),
-                generator=gen,
-                student_jvp=self.student_jvp,
-            )
+            teacher_velocity = self._guided_teacher_velocity(class_labels, guidance)
+            out = self._loss(x0, 1.0, class_labels, guidance, teacher_velocity, gen)
         self.log("val/loss", out.loss, sync_dist=True, prog_bar=True)
 
     # -- sampling -----------------------------------------------------------------------

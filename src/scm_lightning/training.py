@@ -205,6 +205,11 @@ def build_distillation(
                 None if loss.jvp_precision is None else str(loss.jvp_precision)
             ],
             "fast_jvp": loss.fast_jvp,
+            # Ablation switches and dsCM's grid (absent in configs saved before them).
+            "tangent_normalization": loss.get("tangent_normalization", "norm"),
+            "tangent_clip": loss.get("tangent_clip", 1.0),
+            "adaptive_weighting": loss.get("adaptive_weighting", True),
+            "num_intervals": loss.get("num_intervals"),
         },
         student_guidance_embedding=cfg.student.guidance_embedding,
         guidance_scale_range=cfg.student.guidance_scale_range,

@@ -170,5 +170,25 @@ def t_mid_time_grid(
     return torch.cat([torch.tensor([t_max], dtype=torch.float64), tail, tail.new_zeros(1)])
 
 
+def dscm_time_grid(num_intervals: int, sigma_data: float) -> Tensor:
+    """The discrete-time sCM grid (App. E, spec §3b): ``num_intervals + 1`` increasing times.
+
+    ``t_0 = 0`` followed by the EDM ρ=7 levels σ_min = 0.002 … σ_max = 80 mapped by
+    ``t_i = arctan(σ_i/σ_d)``, i = 1..N. Returns float64 radians, ``(N + 1,)``, ascending.
+    """
+    return edm_time_grid(num_intervals, sigma_data).flip(0)
+
+
+def sample_grid_index(t: Tensor, grid: Tensor) -> Tensor:
+    """The proposal discretised onto a dsCM grid (spec §3b): index ``i ∈ [1, N]`` of ``t``.
+
+    ``t`` ``(B,)`` are proposal draws (radians), ``grid`` the ascending ``(N + 1,)`` times of
+    :func:`dscm_time_grid`. Interval ``(t_{i−1}, t_i]`` maps to i (draws beyond t_N to N),
+    so index i carries the proposal's mass on its interval. Returns int64 ``(B,)``.
+    """
+    i = torch.searchsorted(grid.to(t.device, torch.float64), t.to(torch.float64).contiguous())
+    return i.clamp(1, grid.numel() - 1)
+
+
 # sCT's unbiased single-sample estimate of dx_t/dt (Alg. 1) is the diffusion velocity target.
 sct_velocity = velocity_target
