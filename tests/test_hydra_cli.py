@@ -63,7 +63,7 @@ def test_help_lists_each_commands_config_groups_and_options(tmp_path: Path) -> N
     res = run_cli("fit", "--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "usage: python -m scm_lightning fit" in res.stdout
-    assert "loss: scd, scd_vsd, sct, vsd" in res.stdout
+    assert "loss: dscm, scd, scd_vsd, sct, vsd" in res.stdout
     assert "teacher: bundled_digits, bundled_digits_cond, custom, diffusers" in res.stdout
     assert "trainer: cpu, ddp, default, fsdp, gpu" in res.stdout
     assert "tangent_norm_c:" in res.stdout  # the composed config follows the groups
