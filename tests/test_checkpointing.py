@@ -308,3 +308,18 @@ def test_pickled_teachers_need_allow_pickle_and_warn(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"pickled \(.bin\) teacher weights"):
         teacher = load_teacher(folder, allow_pickle=True)
     assert teacher.in_channels == 1
+
+
+def test_last_checkpoint_holds_the_final_step_between_checkpoint_steps(
+    tmp_path: Path, tiny_teacher: Path
+) -> None:
+    """3 steps with a checkpoint every 2: Lightning alone left last.ckpt at step 2."""
+    from conftest import fit_two_steps
+
+    from scm_lightning.checkpointing import load_checkpoint
+
+    last = fit_two_steps(tmp_path / "run", tiny_teacher, "++trainer.max_steps=3")
+    assert load_checkpoint(last)["global_step"] == 3
+    assert (
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "step0000002.ckpt")["global_step"] == 2
+    )
