@@ -315,7 +315,6 @@ def test_last_checkpoint_holds_the_final_step_between_checkpoint_steps(
 ) -> None:
     """3 steps with a checkpoint every 2: Lightning alone left last.ckpt at step 2."""
     from conftest import fit_two_steps
-
     from scm_lightning.checkpointing import load_checkpoint
 
     last = fit_two_steps(tmp_path / "run", tiny_teacher, "++trainer.max_steps=3")
