@@ -178,7 +178,7 @@ def test_latent_fit_checkpoint_export_diffusers_load_matches_sampler(latent_worl
     assert mean.dtype == torch.float64 and mean.shape == (4,) and bool((std > 0).all())
 
     module, _, _ = rebuild_module(ckpt, with_teacher=False)
-    torch.testing.assert_close(module.latent_codec.latent_mean, mean, rtol=0, atol=0)
+    torch.testing.assert_close(module.latent_codec.latent_mean, mean)  # float64 tolerance
     out = export_checkpoint(ckpt_path, tmp_path / "export", ema="online")
     index = json.loads((out / "model_index.json").read_text())
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
