@@ -1,21 +1,22 @@
-"""Bad inputs through the real CLI (subprocesses): exit code 2, one line naming the problem,
-no traceback, and an existing run's outputs and checkpoints left byte-for-byte untouched.
+"""Bad inputs through the real CLI: exit code 2, one line naming the problem, no traceback,
+and an existing run's outputs and checkpoints left byte-for-byte untouched.
 
-Most cases are caught by ``config.validate_config`` before Lightning is imported (about a
-second each); the data, teacher and resume cases are caught before the Trainer starts.
+The cases run through ``cli.main`` in one fresh interpreter (``run_cli_batch``); the entry
+point's own exit code and stderr are checked in separate subprocesses below. Most cases are
+caught by ``config.validate_config`` before Lightning is imported; the data, teacher and
+resume cases are caught before the Trainer starts.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_tiny_teacher
+from conftest import run_cli, run_cli_batch, write_tiny_teacher
 from scm_lightning.config import TEACHER_PREDICTION_TYPES
 from scm_lightning.teachers.schedule import PREDICTION_TYPES
 
@@ -205,12 +206,11 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def outcomes(world) -> dict[str, Any]:
-    """Every case run once (two at a time: each is mostly interpreter start-up), with the
-    existing run and teacher folders snapshotted before and after all of them."""
+    """Every case run once, in one interpreter, with the existing run and teacher folders
+    snapshotted before and after all of them."""
     before = (snapshot(world["run"]), snapshot(world["teacher"]))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c[0]: pool.submit(run_cli, *c[1](world), cwd=world["base"]) for c in CASES}
-        results = {name: f.result() for name, f in futures.items()}
+    done = run_cli_batch([c[1](world) for c in CASES], cwd=world["base"])
+    results = {c[0]: res for c, res in zip(CASES, done, strict=True)}
     after = (snapshot(world["run"]), snapshot(world["teacher"]))
     return {"results": results, "before": before, "after": after}
 
