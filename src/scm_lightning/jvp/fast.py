@@ -6,8 +6,12 @@ is a long chain of small ops. In sCM's JVP pass the weights are θ⁻ (stop-grad
 tangent of a conv is one convolution of the input tangent, and GroupNorm's tangent has the
 closed form ``ty = γ·(t̃ − x̂·mean(x̂·t̃))·rstd`` with ``t̃ = tx − mean(tx)`` per group.
 
-:func:`fast_jvp` intercepts ``F.conv2d``, ``F.linear`` and ``F.group_norm`` calls of *any*
-model (diffusers or ours, no architecture change) and routes them to
+SiLU's own rule is cheap, but with grad on (the one-pass JVP, whose primal is the loss's
+F_θ) PyTorch records its tangent in the autograd graph, so every SiLU's tangent stays alive
+until the pass ends; the rule here computes it under no-grad.
+
+:func:`fast_jvp` intercepts ``F.conv2d``, ``F.linear``, ``F.group_norm`` and ``F.silu`` calls
+of *any* model (diffusers or ours, no architecture change) and routes them to
 autograd Functions carrying these rules. Weight/bias tangents, if a caller supplies them,
 are still honoured, so the rules are exact in general. Tested against ``torch.func.jvp``.
 """
@@ -189,6 +193,32 @@ class _GroupNorm(torch.autograd.Function):
         return gx, None, gw, gb if ctx.has_bias else None, None
 
 
+class _SiLU(torch.autograd.Function):
+    # PyTorch's own rule records the tangent in the autograd graph when grad is on (the
+    # one-pass JVP), keeping every SiLU's tangent alive until the pass ends: peak memory.
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        with _no_forward_ad():
+            return F.silu(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(inputs[0])
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None) -> Tensor | None:
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():  # silu'(x) = s·(1 + x·(1 − s)), s = sigmoid(x)
+            return torch.ops.aten.silu_backward(tx, x) if tx is not None else None
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None) -> Tensor | None:
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(gy, x) if gy is not None else None
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
     if name in kwargs:
         return kwargs[name]
@@ -196,7 +226,7 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
 
 
 class FastJVPMode(TorchFunctionMode):
-    """Routes conv2d / linear / group_norm to lean forward-AD rules (with exact backward)."""
+    """Routes conv2d / linear / group_norm / silu to lean forward-AD rules (exact backward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,7 +277,13 @@ def _group_norm(args: tuple, kwargs: dict) -> Tensor:
     return _GroupNorm.apply(x, groups, weight, bias, eps)[0]
 
 
-_RULES = {F.conv2d: _conv2d, F.linear: _linear, F.group_norm: _group_norm}
+def _silu(args: tuple, kwargs: dict) -> Tensor:
+    if _arg(args, kwargs, 1, "inplace", False):  # an in-place SiLU keeps the generic rule
+        return F.silu(*args, **kwargs)
+    return _SiLU.apply(args[0])
+
+
+_RULES = {F.conv2d: _conv2d, F.linear: _linear, F.group_norm: _group_norm, F.silu: _silu}
 
 
 def fast_jvp() -> FastJVPMode:
