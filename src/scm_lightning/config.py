@@ -54,6 +54,17 @@ def composition_error(err: Exception) -> ConfigError:
         options = _group_options(group) or re.findall(r"^\t(\S+)$", text, re.M)
         return ConfigError(f"unknown {group} {name!r}: expected one of {options} (conf/{group}/)")
     bad_key = re.search(r"Could not override '([^']+)'", text)
+    cause = re.search(r"full_key: (\S+)", str(err.__cause__ or ""))
+    if bad_key and cause and cause.group(1).startswith(bad_key.group(1) + "."):
+        # The key exists; its dict value is merged into the existing dict, which may not gain
+        # keys (Hydra's own message then wrongly suggests the key is missing).
+        key, new_key = bad_key.group(1), cause.group(1)
+        value = text.split(f"+{key}=", 1)[1].split()[0] if f"+{key}=" in text else "{...}"
+        return ConfigError(
+            f"cannot add {new_key!r} by setting {key!r} to a dict: Hydra merges a dict value "
+            f"into the existing {key}; add the entry with +{new_key}=..., or replace the "
+            f"whole dict with ~{key} '+{key}={value}'"
+        )
     if bad_key:
         key = bad_key.group(1)
         hint = re.search(r"use (\+\S+)", text)
