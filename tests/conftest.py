@@ -92,10 +92,18 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m scm_lightning`` in a subprocess (single-threaded, no progress bar)."""
+    return _python(["-m", "scm_lightning", *args], cwd, timeout)
+
+
+def _python(
+    args: list[str], cwd: Path, timeout: float, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """A fresh interpreter as the CLI tests run it: one thread, unbuffered, no SCM_RUN_DIR."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("SCM_RUN_DIR", None)
     return subprocess.run(
-        [sys.executable, "-m", "scm_lightning", *args],
+        [sys.executable, *args],
+        input=stdin,
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -136,17 +144,7 @@ def run_cli_batch(
 ) -> list[subprocess.CompletedProcess]:
     """Run ``cli.main(argv)`` for each argv in turn in one fresh interpreter (environment as
     ``run_cli``); one ``CompletedProcess`` (exit code, stdout, stderr) per argv."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("SCM_RUN_DIR", None)
-    res = subprocess.run(
-        [sys.executable, "-c", _BATCH_DRIVER],
-        input=json.dumps(argvs),
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    res = _python(["-c", _BATCH_DRIVER], cwd, timeout, stdin=json.dumps(argvs))
     assert res.returncode == 0, res.stderr[-3000:]
     return [
         subprocess.CompletedProcess(["scm_lightning", *argv], **r)
