@@ -18,7 +18,7 @@ D = 12
 def _raw_tangent(student, teacher, x0: torch.Tensor, seed: int, r: float) -> torch.Tensor:
     """g of Alg. 1 before conditioning, recomputed with scm_loss's draws (proposal, then z)."""
     gen = torch.Generator().manual_seed(seed)
-    t = trigflow.sample_time(x0.shape[0], -1.0, 1.4, SD, generator=gen)
+    t = trigflow.sample_time(x0.shape[0], -1.0, 1.4, SD, generator=gen, dtype=x0.dtype)
     z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype) * SD
     x_t = trigflow.add_noise(x0, z, t)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from scm_lightning import trigflow
 from scm_lightning.losses import (
     SCMLossConfig,
     adaptive_weighted_loss,
+    diffusion_loss,
     normalize_tangent,
     per_sample_sq_norm,
     rearranged_jvp,
@@ -348,8 +349,38 @@ def test_inv_sigma_prior_scales_each_sample_of_the_scm_loss():
         for kind in ("none", "inv_sigma")
     }
     gen = torch.Generator().manual_seed(4)
-    t = trigflow.sample_time(6, -1.0, 1.4, SD, generator=gen).double()  # scm_loss's draws
+    t = trigflow.sample_time(6, -1.0, 1.4, SD, generator=gen, dtype=torch.float64)  # its draws
     prior = 1 / (SD * torch.tan(t))
     torch.testing.assert_close(
         outs["inv_sigma"].per_sample, prior * outs["none"].per_sample, rtol=1e-12, atol=1e-12
     )
+
+
+def test_float64_runs_keep_their_losses_in_float64():
+    """Only half types are promoted (to float32): a float64 run's sCD and diffusion losses
+    stay float64 and match a float64 recomputation to 1e-12 (float32 would miss by ~1e-7)."""
+    student, teacher = make(), make()
+    x0 = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cfg = SCMLossConfig(sigma_data=SD, p_mean=-1.0, p_std=1.4)
+    out = scm_loss(student, x0, cfg, 1.0, teacher, generator=torch.Generator().manual_seed(4))
+    assert out.loss.dtype == torch.float64
+
+    got = diffusion_loss(
+        student,
+        x0,
+        SD,
+        -1.0,
+        1.4,
+        logvar=student.logvar,
+        generator=torch.Generator().manual_seed(4),
+    )
+    gen = torch.Generator().manual_seed(4)  # the same draws: t from ln σ ~ N(−1, 1.4²), then z
+    t = torch.atan(torch.exp(-1.0 + 1.4 * torch.randn(6, generator=gen, dtype=torch.float64)) / SD)
+    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64) * SD
+    tt = t.view(-1, 1, 1, 1)
+    x_t, v_t = torch.cos(tt) * x0 + torch.sin(tt) * z, torch.cos(tt) * z - torch.sin(tt) * x0
+    w = student.logvar(t)
+    sq = (student(x_t / SD, t) - v_t / SD).flatten(1).pow(2).sum(1)
+    want = (torch.exp(w) / x0[0].numel() * sq - w).mean()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -86,6 +86,12 @@ class SCMLossOutput:
     per_sample: Tensor  # (B,) loss terms, zero where masked
 
 
+def loss_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a half type (fp16/bf16 autocast outputs), else unchanged: a
+    float64 run keeps its losses in float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def per_sample_sq_norm(x: Tensor) -> Tensor:
     """‖x‖² over all non-batch dimensions, ``(B, ...) -> (B,)``."""
     return x.flatten(1).pow(2).sum(1)
@@ -324,7 +330,13 @@ def scm_loss(
     sd = cfg.sigma_data
     batch = x0.shape[0]
     t = trigflow.sample_time(
-        batch, cfg.p_mean, cfg.p_std, sd, generator=generator, device=x0.device
+        batch,
+        cfg.p_mean,
+        cfg.p_std,
+        sd,
+        generator=generator,
+        device=x0.device,
+        dtype=torch.promote_types(x0.dtype, torch.float32),  # float64 runs: float64 times
     )  # Alg. 1 proposal
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sd
     x_t = trigflow.add_noise(x0, z, t)
@@ -384,7 +396,7 @@ def weighted_consistency_loss(
     F_minus = torch.where(expand_like(finite, F_minus), F_minus, torch.zeros_like(F_minus))
 
     if cfg.adaptive_weighting:
-        logvar = student.logvar(t).float()
+        logvar = loss_precision(student.logvar(t))
     else:  # ablation: w ≡ 0, the head is never called
         logvar = torch.zeros(batch, device=F_theta.device)
     target = (F_minus.to(g.dtype) + g).detach()
@@ -504,16 +516,22 @@ def diffusion_loss(
     """
     batch = x0.shape[0]
     t = trigflow.sample_time(
-        batch, p_mean, p_std, sigma_data, generator=generator, device=x0.device
+        batch,
+        p_mean,
+        p_std,
+        sigma_data,
+        generator=generator,
+        device=x0.device,
+        dtype=torch.promote_types(x0.dtype, torch.float32),  # float64 runs: float64 times
     )
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sigma_data
     x_t = trigflow.add_noise(x0, z, t)
     v_t = trigflow.velocity_target(x0, z, t)
     F = model(x_t / sigma_data, t, class_labels, None)
-    residual_sq = per_sample_sq_norm(F.float() - v_t.float() / sigma_data)
+    residual_sq = per_sample_sq_norm(loss_precision(F) - loss_precision(v_t) / sigma_data)
     if logvar is None:
         return residual_sq.mean() / x0[0].numel()
-    w = logvar(t).float()
+    w = loss_precision(logvar(t))
     return adaptive_weighted_loss(residual_sq, w, x0[0].numel()).mean()
 
 
