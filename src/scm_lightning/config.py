@@ -59,7 +59,7 @@ def composition_error(err: Exception) -> ConfigError:
         # The key exists; its dict value is merged into the existing dict, which may not gain
         # keys (Hydra's own message then wrongly suggests the key is missing).
         key, new_key = bad_key.group(1), cause.group(1)
-        value = text.split(f"+{key}=", 1)[1].split()[0] if f"+{key}=" in text else "{...}"
+        value = text.split(f"+{key}=", 1)[1].splitlines()[0] if f"+{key}=" in text else "{...}"
         return ConfigError(
             f"cannot add {new_key!r} by setting {key!r} to a dict: Hydra merges a dict value "
             f"into the existing {key}; add the entry with +{new_key}=..., or replace the "
