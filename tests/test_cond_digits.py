@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from scm_lightning.metrics.quality import class_accuracy
 from scm_lightning.student import Student
 from scm_lightning.teachers import GuidedTeacher
 from scm_lightning.teachers.loading import load_teacher
-from test_diffusers_load import fresh_process_env
+from test_diffusers_load import LOAD_PIPELINE, run_without_project
 
 K = 10  # digits; label K is the null class
 
@@ -95,22 +93,11 @@ def cfg_run(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "teacher": teacher, "ckpt": ckpt}
 
 
-FRESH_SAMPLE = r"""
-import importlib.abc, sys
-
-class NoProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "scm_lightning" or name.startswith("scm_lightning."):
-            raise ImportError("scm_lightning must not be needed to load an export")
-        return None
-
-sys.meta_path.insert(0, NoProject())
+FRESH_SAMPLE = (
+    LOAD_PIPELINE
+    + r"""
 import numpy as np
-import torch
-from diffusers import DiffusionPipeline
 
-folder, out = sys.argv[1], sys.argv[2]
-pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
 labels = torch.tensor([0, 1, 2, 3, 7, 9])
 for nfe in (1, 2):
     for s in (1.0, 2.0):
@@ -119,6 +106,7 @@ for nfe in (1, 2):
                       output_type="latent").images
         np.save(f"{out}/nfe{nfe}_s{s:g}.npy", images.numpy())
 """
+)
 
 
 @pytest.mark.slow
@@ -135,16 +123,7 @@ def test_export_loads_in_diffusers_and_samples_with_labels_and_guidance(
     assert index["adapter"]["guidance"] == "embedding"
     out = tmp_path / "fresh"
     out.mkdir()
-    (out / "load.py").write_text(FRESH_SAMPLE)
-    res = subprocess.run(
-        [sys.executable, "-I", str(out / "load.py"), str(folder), str(out)],
-        env=fresh_process_env(out),
-        cwd=out,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_without_project(FRESH_SAMPLE, folder, out, cwd=out)
 
     ckpt = load_checkpoint(cfg_run["ckpt"])
     module, _, _ = rebuild_module(ckpt)

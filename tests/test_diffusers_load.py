@@ -29,9 +29,9 @@ from test_export import _adapters, _unet2d
 
 SD = 0.5
 
-# Run in the fresh process: scm_lightning cannot even be imported there.
-LOAD_SCRIPT = r"""
-import importlib.abc, json, sys
+# Heads every fresh-process script: scm_lightning cannot even be imported there.
+NO_PROJECT = r"""
+import importlib.abc, sys
 
 class NoProject(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -40,12 +40,22 @@ class NoProject(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, NoProject())
-import numpy as np
+"""
+# Then diffusers' own loader on the export at argv[1]; argv[2] is the folder for the results.
+LOAD_PIPELINE = r"""
 import torch
-from diffusers import DiffusionPipeline, SCMScheduler
+from diffusers import DiffusionPipeline
 
 folder, out = sys.argv[1], sys.argv[2]
 pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
+"""
+LOAD_SCRIPT = (
+    LOAD_PIPELINE
+    + r"""
+import json
+import numpy as np
+from diffusers import SCMScheduler
+
 for nfe in (1, 2):
     gen = torch.Generator().manual_seed(0)
     images = pipe(6, nfe, generator=gen, output_type="latent").images
@@ -60,6 +70,7 @@ assert "scm_lightning" not in sys.modules
 info = {"pipeline": type(pipe).__name__, "times": scheduler.timesteps.tolist()}
 json.dump(info, open(f"{out}/info.json", "w"))
 """
+)
 
 
 def fresh_process_env(tmp: Path) -> dict[str, str]:
@@ -73,19 +84,25 @@ def fresh_process_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def load_in_fresh_process(folder: Path, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    script = out / "load.py"
-    script.write_text(LOAD_SCRIPT)
+def run_without_project(body: str, *args: str | Path, cwd: Path) -> None:
+    """Run ``NO_PROJECT + body`` as ``cwd/fresh.py`` with the venv's interpreter, isolated
+    (``-I``), offline; it must exit 0."""
+    script = cwd / "fresh.py"
+    script.write_text(NO_PROJECT + body)
     res = subprocess.run(
-        [sys.executable, "-I", str(script), str(folder), str(out)],
-        env=fresh_process_env(out),
-        cwd=out,
+        [sys.executable, "-I", str(script), *map(str, args)],
+        env=fresh_process_env(cwd),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def load_in_fresh_process(folder: Path, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    run_without_project(LOAD_SCRIPT, folder, out, cwd=out)
     return json.loads((out / "info.json").read_text())
 
 
@@ -228,22 +245,12 @@ def test_readme_diffusers_snippet_runs_without_the_project(
     assert (
         commands.main("export", [f"ckpt={paths['fit_ckpt']}", f"out={tmp_path / 'exported'}"]) == 0
     )
-    blocker = LOAD_SCRIPT.split("import numpy as np", 1)[0]  # the NoProject import guard
     snippet = readme_block("Load an export with diffusers")
-    script = tmp_path / "snippet.py"
-    script.write_text(
-        blocker + snippet + "\nassert len(images) == 4 and images[0].size == (8, 8)\n"
-        "assert 'scm_lightning' not in sys.modules\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-I", str(script)],
-        env=fresh_process_env(tmp_path),
+    run_without_project(
+        snippet + "\nassert len(images) == 4 and images[0].size == (8, 8)\n"
+        "assert 'scm_lightning' not in sys.modules\n",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert res.returncode == 0, res.stderr[-3000:]
 
 
 SAMPLE_SCRIPT = r"""
@@ -275,18 +282,7 @@ def test_every_adapter_kind_samples_alike_in_a_fresh_process(tmp_path: Path) -> 
         kwargs = {"guidance_scale": 1.7} if pipe.accepts_guidance else {}
         gen = torch.Generator().manual_seed(5)
         refs[folder] = pipe(3, 2, generator=gen, output_type="latent", **kwargs).images
-    blocker = LOAD_SCRIPT.split("import numpy as np", 1)[0]
-    script = tmp_path / "sample.py"
-    script.write_text(blocker + SAMPLE_SCRIPT)
-    res = subprocess.run(
-        [sys.executable, "-I", str(script), *map(str, refs)],
-        env=fresh_process_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_without_project(SAMPLE_SCRIPT, *refs, cwd=tmp_path)
     for folder, ref in refs.items():
         got = torch.from_numpy(np.load(f"{folder}.npy"))
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5, msg=str(folder))

@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from conftest import run_cli
 from scm_lightning.jvp import attention_with_tangent, install_jvp_attention, jvp_attention
 from scm_lightning.teachers.conditioning import TextCondition
+from test_diffusers_load import LOAD_PIPELINE, run_without_project
 
 EMBED_DIM = 12  # the tiny UNet's cross_attention_dim
 TOKENS = 5  # prompt length L of the stored pairs
@@ -405,22 +406,11 @@ def test_float64_runs_and_float64_jvps_take_prompt_embeddings(pairs: Path, tmp_p
 
 
 # --- export -> diffusers -> sample with prompt embeddings and prompts ------------------------
-LOAD_TEXT_SCRIPT = r"""
-import importlib.abc, sys
-
-class NoProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "scm_lightning" or name.startswith("scm_lightning."):
-            raise ImportError("scm_lightning must not be needed to load an export")
-        return None
-
-sys.meta_path.insert(0, NoProject())
-import torch
-from diffusers import DiffusionPipeline
+LOAD_TEXT_SCRIPT = (
+    LOAD_PIPELINE
+    + r"""
 from safetensors.torch import load_file, save_file
 
-folder, out = sys.argv[1], sys.argv[2]
-pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
 embeds = load_file(f"{out}/embeds.safetensors")["prompt_embeds"]
 result = {}
 for nfe in (1, 2):
@@ -436,6 +426,7 @@ result["prompts2"] = pipe(
 ).images
 save_file(result, f"{out}/images.safetensors")
 """
+)
 PROMPTS = ["one digit", "two", "the zero of three"]
 
 
@@ -448,8 +439,6 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
     ``prompt_embeds`` exactly as our sampler does (1e-5), and with ``prompt=`` as with the
     prompts' embeddings computed here by transformers; `sample` from the checkpoint and from
     the export draw the same held-out prompts."""
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file, save_file
 
@@ -460,7 +449,6 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
     from scm_lightning.export import ema_swapped, resolve_profile
     from scm_lightning.pipeline import load_pipeline
     from scm_lightning.restore import rebuild_module
-    from test_diffusers_load import fresh_process_env
 
     teacher = write_sd_teacher(tmp_path / "teacher", "v_prediction")
     write_tiny_text_encoder(teacher)
@@ -483,17 +471,8 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     save_file({"prompt_embeds": embeds.contiguous()}, str(fresh / "embeds.safetensors"))
-    script = fresh / "load.py"
-    script.write_text(LOAD_TEXT_SCRIPT.replace("PROMPTS", repr(PROMPTS)))
-    res = subprocess.run(
-        [sys.executable, "-I", str(script), str(folder), str(fresh)],
-        env=fresh_process_env(fresh),
-        cwd=fresh,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    script = LOAD_TEXT_SCRIPT.replace("PROMPTS", repr(PROMPTS))
+    run_without_project(script, folder, fresh, cwd=fresh)
     got = load_file(str(fresh / "images.safetensors"))
 
     ckpt = load_checkpoint(ckpt_path)
@@ -1287,22 +1266,11 @@ def test_sd3_teacher_x0_equals_flow_closed_form(tmp_path):
 
 
 # --- export -> diffusers (fresh process) -> sample ----------------------------------------------
-LOAD_SANA_SCRIPT = r"""
-import importlib.abc, sys
-
-class NoProject(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "scm_lightning" or name.startswith("scm_lightning."):
-            raise ImportError("scm_lightning must not be needed to load an export")
-        return None
-
-sys.meta_path.insert(0, NoProject())
-import torch
-from diffusers import DiffusionPipeline
+LOAD_SANA_SCRIPT = (
+    LOAD_PIPELINE
+    + r"""
 from safetensors.torch import load_file, save_file
 
-folder, out = sys.argv[1], sys.argv[2]
-pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, low_cpu_mem_usage=False)
 cond = load_file(f"{out}/cond.safetensors")
 result = {}
 for nfe in (1, 2):
@@ -1313,6 +1281,7 @@ for nfe in (1, 2):
     ).images
 save_file(result, f"{out}/images.safetensors")
 """
+)
 
 
 @pytest.mark.slow
@@ -1328,7 +1297,6 @@ def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
     from scm_lightning.checkpointing import load_checkpoint
     from scm_lightning.export import ema_swapped, resolve_profile
     from scm_lightning.restore import rebuild_module
-    from test_diffusers_load import fresh_process_env
 
     teacher = save_sana_folder(tmp_path / "sana")
     data = write_masked_text_pairs(tmp_path / "pairs")
@@ -1354,17 +1322,7 @@ def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
         {"prompt_embeds": cond.prompt_embeds, "attention_mask": cond.attention_mask},
         str(fresh / "cond.safetensors"),
     )
-    script = fresh / "load.py"
-    script.write_text(LOAD_SANA_SCRIPT)
-    res = subprocess.run(
-        [sys.executable, "-I", str(script), str(folder), str(fresh)],
-        env=fresh_process_env(fresh),
-        cwd=fresh,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_without_project(LOAD_SANA_SCRIPT, folder, fresh, cwd=fresh)
     got = load_file(str(fresh / "images.safetensors"))
 
     ckpt = load_checkpoint(ckpt_path)
