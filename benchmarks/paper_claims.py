@@ -512,15 +512,22 @@ def teacher_table(teacher_runs: list[dict[str, Any]]) -> tuple[list[str], dict[i
     return lines, best
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def skipped_row(name: str, reason: str, columns: int) -> str:
+    return f"| {name} | – | skipped: {reason} |" + " |" * (columns - 3)
+
+
 def student_table(results: dict[str, Any]) -> list[str]:
-    lines = [
-        "| student | seeds | 1-step FD | 1-step precision | 1-step recall | 2-step FD | "
-        "2-step precision | 2-step recall | train wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = ("student", "seeds", "1-step FD", "1-step precision", "1-step recall")
+    columns += ("2-step FD", "2-step precision", "2-step recall", "train wall s")
+    lines = table_head(*columns)
     for name, res in results.items():
         if "skipped" in res:
-            lines.append(f"| {name} | – | skipped: {res['skipped']} |" + " |" * 6)
+            lines.append(skipped_row(name, res["skipped"], len(columns)))
             continue
         runs = res["runs"]
         cells = [
@@ -536,14 +543,12 @@ def student_table(results: dict[str, Any]) -> list[str]:
 
 
 def ablation_table(results: dict[str, Any]) -> list[str]:
-    lines = [
-        "| run | seeds | 2-step FD | 1-step FD | grad-norm spikes (>10× median) | max/median "
-        "grad norm | masked samples | skipped steps | diverged |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = ("run", "seeds", "2-step FD", "1-step FD", "grad-norm spikes (>10× median)")
+    columns += ("max/median grad norm", "masked samples", "skipped steps", "diverged")
+    lines = table_head(*columns)
     for name, res in results.items():
         if "skipped" in res:
-            lines.append(f"| {name} | – | skipped: {res['skipped']} |" + " |" * 6)
+            lines.append(skipped_row(name, res["skipped"], len(columns)))
             continue
         runs = res["runs"]
         st = [r["stability"] for r in runs]
