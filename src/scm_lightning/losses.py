@@ -86,10 +86,15 @@ class SCMLossOutput:
     per_sample: Tensor  # (B,) loss terms, zero where masked
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a loss, its times and its coefficients are computed in: float32 for half
+    types (fp16/bf16 autocast outputs), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def loss_precision(x: Tensor) -> Tensor:
-    """``x`` in float32 if it is a half type (fp16/bf16 autocast outputs), else unchanged: a
-    float64 run keeps its losses in float64."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    """``x`` in :func:`wide_dtype` (unchanged if it is float32 or float64)."""
+    return x.to(wide_dtype(x.dtype))
 
 
 def per_sample_sq_norm(x: Tensor) -> Tensor:
@@ -265,7 +270,7 @@ def scm_tangent(
     ``g`` already carries the prior weighting ``1/(σ_d tan t)`` (spec §3). Computed in float32
     or better. Shape of ``x_t``.
     """
-    dtype = torch.promote_types(torch.float32, x_t.dtype)
+    dtype = wide_dtype(x_t.dtype)
     tt = expand_like(t.to(dtype), x_t)
     cos, sin = torch.cos(tt), torch.sin(tt)
     F_minus, dF, dxdt, x_t = (a.to(dtype) for a in (F_minus, dF, dxdt, x_t))
@@ -336,7 +341,7 @@ def scm_loss(
         sd,
         generator=generator,
         device=x0.device,
-        dtype=torch.promote_types(x0.dtype, torch.float32),  # float64 runs: float64 times
+        dtype=wide_dtype(x0.dtype),  # float64 runs: float64 times
     )  # Alg. 1 proposal
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sd
     x_t = trigflow.add_noise(x0, z, t)
@@ -437,7 +442,7 @@ def dscm_tangent(
     teacher's DDIM step, ``dxdt = σ_d·F_teacher(x_t/σ_d, t)`` (data units); ``t > t_prev``
     ``(B,)`` radians. Tends to :func:`scm_tangent` as t' → t. Float32 or better.
     """
-    dtype = torch.promote_types(torch.float32, x_t.dtype)
+    dtype = wide_dtype(x_t.dtype)
     t64, tp64 = t.to(torch.float64), t_prev.to(torch.float64)
     # Coefficients in float64: t − t' is tiny on fine grids (N = 1024 near σ_min).
     cos_t, cos_tp, sin_tp = (
@@ -475,8 +480,7 @@ def dscm_loss(
     )  # Alg. 1 proposal, then onto the grid
     i = trigflow.sample_grid_index(draw, grid)
     t64, t_prev64 = grid[i], grid[i - 1]
-    t_net = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    t, t_prev = t64.to(t_net), t_prev64.to(t_net)
+    t, t_prev = t64.to(wide_dtype(x0.dtype)), t_prev64.to(wide_dtype(x0.dtype))
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sd
     x_t = trigflow.add_noise(x0, z, t64).to(x0.dtype)
 
@@ -522,7 +526,7 @@ def diffusion_loss(
         sigma_data,
         generator=generator,
         device=x0.device,
-        dtype=torch.promote_types(x0.dtype, torch.float32),  # float64 runs: float64 times
+        dtype=wide_dtype(x0.dtype),  # float64 runs: float64 times
     )
     z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sigma_data
     x_t = trigflow.add_noise(x0, z, t)
@@ -589,7 +593,7 @@ def one_step_generate(
     ``prior`` is ``z' ~ N(0, σ_d² I)`` ``(B, C, H, W)`` in data units; returns ``(B, C, H, W)``
     in data units: ``cos t_max·z' − sin t_max·σ_d·F_θ(z'/σ_d, t_max)``.
     """
-    dtype = torch.promote_types(torch.float32, prior.dtype)  # times stay float32 or better
+    dtype = wide_dtype(prior.dtype)  # times stay float32 or better
     t = torch.full((prior.shape[0],), t_max, device=prior.device, dtype=dtype)
     F = student(prior / sigma_data, t, class_labels, None)
     return trigflow.consistency_function(prior, t, F, sigma_data).to(prior.dtype)
@@ -630,7 +634,7 @@ def vsd_generator_loss(
         prior: ``z' ~ N(0, σ_d² I)`` ``(B, C, H, W)``.
     """
     sd = cfg.sigma_data
-    wide = torch.promote_types(torch.float32, prior.dtype)  # t, Δ and the loss: float32 or better
+    wide = wide_dtype(prior.dtype)  # t, Δ and the loss: float32 or better
     samples = one_step_generate(student, prior, cfg.t_max, sd, class_labels)
     batch = prior.shape[0]
     t = trigflow.sample_time(
