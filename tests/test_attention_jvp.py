@@ -230,11 +230,12 @@ def test_unet2d_jvp_and_grad_match_math_backend():
         _close(p.grad, grads_ref[n], torch.float64)
 
 
-def test_unet2d_condition_cross_attention_jvp():
+def cross_attention_unet():
+    """A float64 UNet2DConditionModel with cross-attention (width 12) at its second level."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    model = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -246,6 +247,10 @@ def test_unet2d_condition_cross_attention_jvp():
         norm_num_groups=8,
         attention_head_dim=4,
     ).double()
+
+
+def test_unet2d_condition_cross_attention_jvp():
+    model = cross_attention_unet()
     x, enc = (
         torch.randn(2, 4, 8, 8, dtype=torch.float64),
         torch.randn(2, 5, 12, dtype=torch.float64),

@@ -405,6 +405,28 @@ def test_float64_runs_and_float64_jvps_take_prompt_embeddings(pairs: Path, tmp_p
         assert load_checkpoint(ckpt)["global_step"] == 2, setting
 
 
+def ema_samples(ckpt_path: Path, cond: TextCondition) -> dict[int, torch.Tensor]:
+    """Our sampler's 1- and 2-step samples of 3 images from a checkpoint's EMA student (seed 0,
+    guidance 1.5): what an export loaded by diffusers must reproduce."""
+    from scm_lightning.checkpointing import load_checkpoint
+    from scm_lightning.export import ema_swapped, resolve_profile
+    from scm_lightning.restore import rebuild_module
+
+    ckpt = load_checkpoint(ckpt_path)
+    module, _, _ = rebuild_module(ckpt, with_teacher=False)
+    with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
+        return {
+            nfe: module.sample(
+                3,
+                nfe=nfe,
+                generator=torch.Generator().manual_seed(0),
+                class_labels=cond,
+                guidance=1.5,
+            )
+            for nfe in (1, 2)
+        }
+
+
 # --- export -> diffusers -> sample with prompt embeddings and prompts ------------------------
 LOAD_TEXT_SCRIPT = (
     LOAD_PIPELINE
@@ -444,11 +466,8 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
 
     from conftest import fit_two_steps
     from scm_lightning import commands
-    from scm_lightning.checkpointing import load_checkpoint
     from scm_lightning.config import ConfigError
-    from scm_lightning.export import ema_swapped, resolve_profile
     from scm_lightning.pipeline import load_pipeline
-    from scm_lightning.restore import rebuild_module
 
     teacher = write_sd_teacher(tmp_path / "teacher", "v_prediction")
     write_tiny_text_encoder(teacher)
@@ -475,19 +494,9 @@ def test_export_loads_in_diffusers_and_samples_with_prompt_embeds_and_prompts(
     run_without_project(script, folder, fresh, cwd=fresh)
     got = load_file(str(fresh / "images.safetensors"))
 
-    ckpt = load_checkpoint(ckpt_path)
-    module, _, _ = rebuild_module(ckpt, with_teacher=False)
-    with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
-        for nfe in (1, 2):
-            ref = module.sample(
-                3,
-                nfe=nfe,
-                generator=torch.Generator().manual_seed(0),
-                class_labels=TextCondition(embeds),
-                guidance=1.5,
-            )
-            torch.testing.assert_close(got[f"embeds{nfe}"], ref, rtol=0, atol=1e-5)
-            assert ref.abs().max() > 1e-2
+    for nfe, ref in ema_samples(ckpt_path, TextCondition(embeds)).items():
+        torch.testing.assert_close(got[f"embeds{nfe}"], ref, rtol=0, atol=1e-5)
+        assert ref.abs().max() > 1e-2
     torch.testing.assert_close(got["prompts2"], got["embeds2"], rtol=0, atol=1e-5)
     assert (got["embeds2"][0] - got["embeds2"][1]).abs().max() > 1e-4  # prompts matter
 
@@ -942,21 +951,9 @@ def test_sd3_joint_attention_jvp_matches_math():
 
 
 def test_unet2d_condition_cross_attention_with_encoder_mask():
-    from diffusers import UNet2DConditionModel
+    from test_attention_jvp import cross_attention_unet
 
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=12,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    ).double()
+    model = cross_attention_unet()
     cond = _condition()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     t = torch.tensor([3.0, 700.0], dtype=torch.float64)
@@ -1294,9 +1291,6 @@ def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
 
     from conftest import fit_two_steps
     from scm_lightning import commands
-    from scm_lightning.checkpointing import load_checkpoint
-    from scm_lightning.export import ema_swapped, resolve_profile
-    from scm_lightning.restore import rebuild_module
 
     teacher = save_sana_folder(tmp_path / "sana")
     data = write_masked_text_pairs(tmp_path / "pairs")
@@ -1325,19 +1319,9 @@ def test_sana_student_export_samples_in_diffusers_as_our_sampler(tmp_path):
     run_without_project(LOAD_SANA_SCRIPT, folder, fresh, cwd=fresh)
     got = load_file(str(fresh / "images.safetensors"))
 
-    ckpt = load_checkpoint(ckpt_path)
-    module, _, _ = rebuild_module(ckpt, with_teacher=False)
-    with ema_swapped(module, ckpt, resolve_profile(ckpt, None)):
-        for nfe in (1, 2):
-            ref = module.sample(
-                3,
-                nfe=nfe,
-                generator=torch.Generator().manual_seed(0),
-                class_labels=cond,
-                guidance=1.5,
-            )
-            torch.testing.assert_close(got[f"nfe{nfe}"], ref, rtol=0, atol=1e-5)
-            assert ref.abs().max() > 1e-2
+    for nfe, ref in ema_samples(ckpt_path, cond).items():
+        torch.testing.assert_close(got[f"nfe{nfe}"], ref, rtol=0, atol=1e-5)
+        assert ref.abs().max() > 1e-2
 
 
 @pytest.mark.slow
