@@ -329,7 +329,7 @@ def edm_teacher(st: Setting, out: Path, force: bool) -> tuple[Path, Path, dict[s
     map would be the same function of t (the JVP identical up to rounding), not the
     conditioning the paper ablates.
     """
-    from diffusers import EDMEulerScheduler, UNet2DModel
+    from diffusers import EDMEulerScheduler
 
     from scm_lightning.config import compose_config
     from scm_lightning.data.digits import DigitsDataModule
@@ -337,6 +337,7 @@ def edm_teacher(st: Setting, out: Path, force: bool) -> tuple[Path, Path, dict[s
     from scm_lightning.teachers.edm import EDMAdapter
     from scm_lightning.teachers.loading import load_teacher
     from scm_lightning.training import run
+    from teacher_preparation import digits_unet2d  # the same network as that benchmark's
 
     root = out / "runs" / "edm_teacher"
     folder, prepared = root / "edm", root / "prepared"
@@ -345,16 +346,7 @@ def edm_teacher(st: Setting, out: Path, force: bool) -> tuple[Path, Path, dict[s
         return folder, prepared, json.loads(info_path.read_text())
     start = time.perf_counter()
     torch.manual_seed(0)
-    net = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
+    net = digits_unet2d()
     model = EDMAdapter(net, SD, "epsilon")
     data = DigitsDataModule().reference_images(10_000)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
